@@ -1,0 +1,202 @@
+"""Tests for `mlimages hierarchy ...` and `mlimages labels ...`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlimages_jax import cooccurrence, labels
+from mlimages_jax.cli import main
+from mlimages_jax.hierarchy import HEADER, Hierarchy
+
+# 5 "thing" -> 0 "animal" -> {2 "dog", 3 "cat"}; 2 -> 1 "puppy"; 4 -> 6.
+ROWS = [(0, "n0", 5, "animal"), (1, "n1", 2, "puppy"), (2, "n2", 0, "dog"),
+        (3, "n3", 0, "cat"), (4, "n4", -1, "matter"), (5, "n5", -1, "thing"),
+        (6, "n6", 4, "water, H2O")]
+
+
+@pytest.fixture(name="dictionary")
+def fixture_dictionary(tmp_path: pathlib.Path) -> pathlib.Path:
+  path = tmp_path / "dictionary.txt"
+  path.write_text("\n".join(["\t".join(HEADER)] + [
+      "\t".join(str(c) for c in row) for row in ROWS]) + "\n")
+  return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+  code = main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_hierarchy_stats_json(capsys, dictionary):
+  code, out, _ = run(capsys, "hierarchy", "stats", "--dictionary", dictionary,
+                     "--json")
+  assert code == 0
+  stats = json.loads(out)
+  assert stats["num_categories"] == 7 and stats["num_roots"] == 2
+  assert stats["roots"] == ["matter", "thing"] and stats["num_leaves"] == 3
+  assert stats["max_depth"] == 3
+  assert stats["mean_depth"] == pytest.approx(9 / 7)
+  assert stats["depth_histogram"] == {"0": 2, "1": 2, "2": 2, "3": 1}
+  code, out, _ = run(capsys, "hierarchy", "stats", "--dictionary", dictionary)
+  assert code == 0 and "7 categories, 2 roots, 3 leaves" in out
+
+
+def test_hierarchy_errors(capsys, dictionary, tmp_path):
+  broken = tmp_path / "broken.txt"
+  broken.write_text(dictionary.read_text().replace("3\tn3\t0", "3\tn3\t3"))
+  code, out, err = run(capsys, "hierarchy", "stats", "--dictionary", broken)
+  assert code == 1 and out == ""
+  assert f"{broken}:5: cycle" in err
+  code, _, err = run(capsys, "hierarchy", "stats", "--dictionary",
+                     tmp_path / "missing.txt")
+  assert code == 1 and "missing.txt" in err
+  code, _, err = run(capsys, "hierarchy", "show", "zebra", "--dictionary",
+                     dictionary)
+  assert code == 1 and "no class matches 'zebra'" in err
+
+
+def test_hierarchy_show(capsys, dictionary):
+  code, out, _ = run(capsys, "hierarchy", "show", "puppy", "--dictionary",
+                     dictionary)
+  assert code == 0
+  lines = out.splitlines()
+  assert lines[0] == "1\tn1\tpuppy\t(depth 3)"
+  assert lines[2:6] == ["  1\tn1\tpuppy", "  2\tn2\tdog", "  0\tn0\tanimal",
+                        "  5\tn5\tthing"]
+  assert lines[6] == "children: 0"
+  code, out, _ = run(capsys, "hierarchy", "show", "n0", "--dictionary",
+                     dictionary)
+  assert "children: 2\n  2\tn2\tdog\n  3\tn3\tcat\n" in out
+  code, out, _ = run(capsys, "hierarchy", "show", "H2O", "--dictionary",
+                     dictionary)
+  assert out.startswith("6\tn6\twater, H2O")
+
+
+def test_labels_augment(capsys, dictionary, tmp_path):
+  inp = tmp_path / "in.txt"
+  inp.write_text("b.jpg 1:0.8 3:0.9\na.jpg 6\nc.jpg 4:-1\n")
+  out = tmp_path / "out.txt"
+  code, stdout, _ = run(capsys, "labels", "augment", inp, out,
+                        "--dictionary", dictionary)
+  assert code == 0 and "augmented 3 rows" in stdout
+  assert out.read_text() == ("b.jpg\t0:0.9\t1:0.8\t2:0.8\t3:0.9\t5:0.9\n"
+                             "a.jpg\t4:1\t6:1\nc.jpg\t4:-1\n")
+  pairs = tmp_path / "pairs.tsv"
+  pairs.write_text("source_index\ttarget_index\tconfidence\n6\t3\t0.7\n")
+  code, _, _ = run(capsys, "labels", "augment", inp, out, "--dictionary",
+                   dictionary, "--cooccurrence", pairs)
+  assert code == 0
+  assert out.read_text().splitlines()[1] == (
+      "a.jpg\t0:0.7\t3:0.7\t4:1\t5:0.7\t6:1")
+
+
+def test_labels_augment_bad_input(capsys, dictionary, tmp_path):
+  inp = tmp_path / "in.txt"
+  inp.write_text("a 1\nb 9:1\nc 2:1\n")
+  out = tmp_path / "out" / "o.txt"
+  code, stdout, err = run(capsys, "labels", "augment", inp, out,
+                          "--dictionary", dictionary)
+  assert code == 1 and stdout == ""
+  assert f"{inp}:2: class index 9 out of range 0..6" in err
+  assert not out.exists()
+  code, stdout, err = run(capsys, "labels", "augment", inp, out,
+                          "--dictionary", dictionary, "--skip-invalid")
+  assert code == 0 and "1 invalid line(s) skipped" in stdout
+  assert "skipped 1 invalid line(s)" in err and f"{inp}:2:" in err
+  assert [line.split("\t")[0] for line in out.read_text().splitlines()] == [
+      "a", "c"]
+
+
+def test_labels_remap(capsys, dictionary, tmp_path):
+  mapping = tmp_path / "map.tsv"
+  mapping.write_text("/m/dog\t2\n/m/cat\t3\n")
+  inp = tmp_path / "oi.txt"
+  inp.write_text("u1\t/m/dog:0.9\t/m/car:1\nu2\t/m/car\n")
+  out = tmp_path / "out.txt"
+  code, stdout, _ = run(capsys, "labels", "remap", inp, out, "--mapping",
+                        mapping, "--dictionary", dictionary)
+  assert code == 0 and out.read_text() == "u1\t2:0.9\n"
+  assert "2 rows -> 1" in stdout and "/m/car (2)" in stdout
+  mapping.write_text("/m/dog\t17\n")
+  code, _, err = run(capsys, "labels", "remap", inp, out, "--mapping", mapping,
+                     "--dictionary", dictionary)
+  assert code == 1 and f"{mapping}:1: ML-Images index 17" in err
+
+
+def test_labels_cooccurrence(capsys, dictionary, tmp_path):
+  # 30 images of "cat" (3) that show "water" (6) and 90 of "puppy" (1).
+  scores = np.full((120, 2), 0.05, np.float32)
+  scores[:30, 1] = 0.9
+  np.save(tmp_path / "scores.npy", scores)
+  (tmp_path / "images.txt").write_text("".join(
+      f"i{n}\t{3 if n < 30 else 1}:1\n" for n in range(120)))
+  (tmp_path / "columns.txt").write_text("2\n6\n")
+  out = tmp_path / cooccurrence.PAIRS_FILE_NAME
+  code, stdout, _ = run(
+      capsys, "labels", "cooccurrence", "--scores", tmp_path / "scores.npy",
+      "--images", tmp_path / "images.txt", "--columns",
+      tmp_path / "columns.txt", "--dictionary", dictionary, "--out", out)
+  assert code == 0 and stdout.startswith("1 pairs")
+  pairs = labels.load_cooccurrence_pairs(out, 7)
+  assert pairs.sources.tolist() == [3] and pairs.targets.tolist() == [6]
+  assert pairs.confidences.tolist() == [np.float32(0.9)]
+  (tmp_path / "columns.txt").write_text("2\n")
+  code, _, err = run(
+      capsys, "labels", "cooccurrence", "--scores", tmp_path / "scores.npy",
+      "--images", tmp_path / "images.txt", "--columns",
+      tmp_path / "columns.txt", "--dictionary", dictionary, "--out",
+      tmp_path / "p2.tsv")
+  assert code == 1 and "1 column classes for 2 score columns" in err
+  assert not (tmp_path / "p2.tsv").exists()
+
+
+def test_labels_stats(capsys, dictionary, tmp_path):
+  (tmp_path / "a.txt").write_text("a 1:1 2:1\nb 2:0.8 6:-1\n")
+  (tmp_path / "b.txt").write_text("c 3\n")
+  out = tmp_path / "stats"
+  code, stdout, _ = run(capsys, "labels", "stats", tmp_path / "a.txt",
+                        tmp_path / "b.txt", "--dictionary", dictionary,
+                        "--out", out)
+  assert code == 0
+  summary = json.loads((out / "stats.json").read_text())
+  assert summary["num_images"] == 3 and summary["num_classes"] == 3
+  assert summary["num_trainable_classes"] == 0
+  assert summary["avg_tags_per_image"] == pytest.approx(4 / 3)
+  assert summary["avg_images_per_class"] == pytest.approx(4 / 3)
+  assert json.loads(stdout.splitlines()[0])["num_images"] == 3
+  assert sorted(p.name for p in out.iterdir()) == [
+      "hist_num_annotations.png", "num_images_per_class.png", "stats.json"]
+
+
+def test_real_files_through_a_subprocess(shared_dir, real_hierarchy_path,
+                                         tmp_path):
+  """`python -m mlimages_jax` and the `mlimages` script, as a user runs them."""
+  out = tmp_path / "closed.txt"
+  done = subprocess.run(
+      [sys.executable, "-m", "mlimages_jax", "labels", "augment",
+       str(shared_dir / "train_urls_tiny.txt"), str(out), "--dictionary",
+       str(real_hierarchy_path)], capture_output=True, text=True, check=True)
+  assert "augmented 100 rows" in done.stdout
+  assert "labels 827 -> 1103" in done.stdout
+  tree = Hierarchy.from_file(real_hierarchy_path)
+  for (key, idx, conf), line in zip(
+      labels.read_annotation_file(shared_dir / "train_urls_tiny.txt"),
+      out.read_text().splitlines()):
+    assert line == labels.format_line(key, *labels.augment(tree, idx, conf))
+  script = shutil.which("mlimages") or str(
+      pathlib.Path(sys.executable).parent / "mlimages")
+  done = subprocess.run([script, "hierarchy", "stats", "--json",
+                         "--dictionary", str(real_hierarchy_path)],
+                        capture_output=True, text=True, check=True)
+  stats = json.loads(done.stdout)
+  assert stats["num_categories"] == 11166 and stats["num_roots"] == 4
+  assert stats["roots"] == ["thing", "matter", "object, physical object",
+                            "atmospheric phenomenon"]
