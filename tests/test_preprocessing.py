@@ -1,0 +1,287 @@
+"""Tests of mlimages_jax.preprocessing against NumPy/PIL references."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from mlimages_jax import preprocessing
+
+PHOTOS = [f"im_{i}.jpg" for i in range(4)]
+NO_AUGMENT = {"flip": False, "rotation_fraction": 0.0, "colour_fraction": 0.0}
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG") -> tf.Tensor:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=fmt, quality=95)
+  return tf.constant(buffer.getvalue())
+
+
+def _coordinate_image(h: int = 240, w: int = 256) -> np.ndarray:
+  """R = column, G = row: the output pixels say where the crop came from."""
+  rows, cols = np.mgrid[0:h, 0:w]
+  return np.stack([cols, rows, np.full_like(rows, 128)], -1).astype(np.uint8)
+
+
+def _seed(i: int) -> tf.Tensor:
+  return tf.constant([7, i], tf.int64)
+
+
+def _resize_bilinear_reference(image: np.ndarray, out_h: int,
+                               out_w: int) -> np.ndarray:
+  """NumPy bilinear resize with half-pixel centres, no antialiasing."""
+  def weights(out_size, in_size):
+    x = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    floor = np.floor(x)
+    lower = np.maximum(floor, 0).astype(int)
+    upper = np.minimum(np.ceil(x), in_size - 1).astype(int)
+    return lower, upper, x - floor
+
+  image = image.astype(np.float64)
+  y0, y1, fy = weights(out_h, image.shape[0])
+  x0, x1, fx = weights(out_w, image.shape[1])
+  top = image[y0][:, x0] * (1 - fx)[None, :, None] + image[y0][:, x1] * fx[
+      None, :, None]
+  bottom = image[y1][:, x0] * (1 - fx)[None, :, None] + image[y1][:, x1] * fx[
+      None, :, None]
+  return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+def _central_crop_reference(image: np.ndarray, fraction: float) -> np.ndarray:
+  h, w = image.shape[:2]
+  oy, ox = int((h - h * fraction) / 2), int((w - w * fraction) / 2)
+  return image[oy:h - oy, ox:w - ox]
+
+
+def test_for_mode_defaults_and_overrides():
+  pretrain = preprocessing.PreprocessConfig.for_mode("pretrain")
+  finetune = preprocessing.PreprocessConfig.for_mode(
+      "finetune", {"rotation_fraction": 0.25, "saturation_range": [0.6, 1.4]})
+  assert pretrain.area_range == (0.7, 1.0)
+  assert pretrain.max_attempts == 100
+  assert pretrain.brightness_delta == pytest.approx(32 / 255)
+  assert finetune.area_range == (0.05, 1.0)
+  assert finetune.rotation_fraction == 0.25
+  assert finetune.saturation_range == (0.6, 1.4)
+  with pytest.raises(ValueError, match="rotaton_fraction"):
+    preprocessing.PreprocessConfig.for_mode("pretrain", {"rotaton_fraction": 1})
+  with pytest.raises(ValueError, match="unknown preprocessing mode"):
+    preprocessing.PreprocessConfig.for_mode("train")
+
+
+def test_normalize_maps_uint8_to_unit_interval_on_device_and_host():
+  images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  device = np.asarray(preprocessing.normalize(images))
+  host = preprocessing.normalize_tf(tf.constant(images)).numpy()
+  np.testing.assert_allclose(device, images / 127.5 - 1.0, atol=1e-6)
+  np.testing.assert_array_equal(device, host)
+  assert device.dtype == np.float32
+  assert device.min() == -1.0 and device.max() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_train_image_shape_dtype_and_determinism(shared_dir, mode):
+  config = preprocessing.PreprocessConfig.for_mode(mode)
+  image_bytes = tf.io.read_file(str(shared_dir / "images" / PHOTOS[3]))
+  outputs = [preprocessing.train_image(image_bytes, _seed(i), image_size=96,
+                                       config=config).numpy()
+             for i in range(6)]
+  again = preprocessing.train_image(image_bytes, _seed(0), image_size=96,
+                                    config=config).numpy()
+  for out in outputs:
+    assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(outputs[0], again)
+  assert len({out.tobytes() for out in outputs}) == len(outputs)
+
+
+@pytest.mark.parametrize("mode,smallest", [("pretrain", 0.7),
+                                           ("finetune", 0.05)])
+def test_random_crop_area_and_aspect_ranges(mode, smallest):
+  config = preprocessing.PreprocessConfig.for_mode(mode, NO_AUGMENT)
+  h, w = 240, 256
+  image_bytes = _encode(_coordinate_image(h, w))
+  areas, aspects = [], []
+  for i in range(60):
+    out = preprocessing.train_image(image_bytes, _seed(i), image_size=64,
+                                    config=config).numpy().astype(int)
+    # Crop edges from the coordinates sampled at the output's border pixels.
+    crop_w = out[:, -1, 0].mean() - out[:, 0, 0].mean()
+    crop_h = out[-1, :, 1].mean() - out[0, :, 1].mean()
+    # Border samples sit half an output pixel inside the crop.
+    crop_w *= 64 / 63
+    crop_h *= 64 / 63
+    areas.append(crop_w * crop_h / (h * w))
+    aspects.append(crop_w / crop_h)
+  areas, aspects = np.array(areas), np.array(aspects)
+  assert areas.min() > smallest - 0.03 and areas.max() < 1.03
+  assert aspects.min() > 0.75 - 0.04 and aspects.max() < 4 / 3 + 0.06
+  # The crops really vary over the range.
+  assert areas.min() < smallest + (1 - smallest) * 0.3
+  assert areas.max() > 0.9
+
+
+def test_whole_image_when_no_crop_fits():
+  # A 10:1 panorama cannot hold a 3/4..4/3 crop of >= 70% area.
+  config = preprocessing.PreprocessConfig.for_mode("pretrain", NO_AUGMENT)
+  panorama = _coordinate_image(24, 240)
+  out = preprocessing.train_image(_encode(panorama), _seed(0), image_size=32,
+                                  config=config).numpy()
+  expected = _resize_bilinear_reference(panorama, 32, 32)
+  np.testing.assert_allclose(out, np.round(expected), atol=1)
+
+
+def test_flip_is_a_mirror_half_of_the_time():
+  config = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {**NO_AUGMENT, "flip": True, "area_range": (1.0, 1.0),
+                   "min_object_covered": 1.0})
+  image = _coordinate_image(64, 64)
+  image_bytes = _encode(image)
+  flips = []
+  for i in range(40):
+    out = preprocessing.train_image(image_bytes, _seed(i), image_size=64,
+                                    config=config).numpy()
+    if np.array_equal(out, image):
+      flips.append(False)
+    else:
+      np.testing.assert_array_equal(out, image[:, ::-1])
+      flips.append(True)
+  assert 8 <= sum(flips) <= 32
+
+
+def test_rotation_on_the_configured_fraction():
+  white = np.full((96, 96, 3), 255, np.uint8)
+  image_bytes = _encode(white)
+  for fraction, low, high in [(0.0, 0, 0), (1.0, 36, 40), (0.5, 10, 30)]:
+    config = preprocessing.PreprocessConfig.for_mode(
+        "pretrain", {**NO_AUGMENT, "rotation_fraction": fraction})
+    rotated = 0
+    for i in range(40):
+      out = preprocessing.train_image(image_bytes, _seed(i), image_size=48,
+                                      config=config).numpy()
+      # Rotation leaves black corners; the centre stays white.
+      assert out[24, 24].min() == 255
+      rotated += int(out[[0, 0, -1, -1], [0, -1, 0, -1]].min() < 128)
+    assert low <= rotated <= high, (fraction, rotated)
+
+
+def test_rotation_by_right_angle_matches_numpy():
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(
+      np.float32)
+  # Counter-clockwise in image coordinates (x right, y down).
+  for interpolation in ("nearest", "bilinear"):
+    rotated = preprocessing._rotate(tf.constant(image), tf.constant(np.pi / 2),
+                                    False, interpolation)
+    np.testing.assert_allclose(rotated.numpy(), np.rot90(image, k=1),
+                               atol=1e-3)
+  flipped = preprocessing._rotate(tf.constant(image), tf.constant(np.pi / 2),
+                                  True, "nearest")
+  np.testing.assert_array_equal(flipped.numpy(), np.rot90(image[:, ::-1], k=1))
+
+
+def test_colour_distortion_on_the_configured_fraction_within_range():
+  rng = np.random.default_rng(1)
+  image = rng.integers(40, 216, (48, 48, 3)).astype(np.uint8)
+  image_bytes = _encode(image)
+  plain = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
+                   "min_object_covered": 1.0})
+  colour = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
+                   "min_object_covered": 1.0, "colour_fraction": 1.0})
+  half = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
+                   "min_object_covered": 1.0, "colour_fraction": 0.5})
+  base = preprocessing.train_image(image_bytes, _seed(0), image_size=48,
+                                   config=plain).numpy()
+  np.testing.assert_array_equal(base, image)
+  changed = 0
+  for i in range(30):
+    out = preprocessing.train_image(image_bytes, _seed(i), image_size=48,
+                                    config=colour).numpy()
+    assert not np.array_equal(out, image)
+    # Brightness +-32/255 then contrast 0.5-1.5 cannot move the mean far.
+    assert abs(out.mean() - image.mean()) < 32 + 0.5 * 128
+    out_half = preprocessing.train_image(image_bytes, _seed(i), image_size=48,
+                                         config=half).numpy()
+    changed += int(not np.array_equal(out_half, image))
+  assert 6 <= changed <= 24
+
+
+@pytest.mark.parametrize("photo", PHOTOS)
+def test_eval_image_matches_numpy_reference(shared_dir, photo):
+  path = shared_dir / "images" / photo
+  config = preprocessing.PreprocessConfig.for_mode("eval")
+  out = preprocessing.eval_image(tf.io.read_file(str(path)), image_size=224,
+                                 config=config).numpy()
+  reference = np.asarray(Image.open(path).convert("RGB"))
+  reference = _resize_bilinear_reference(
+      _central_crop_reference(reference, 0.8), 224, 224)
+  assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+  # Same decoder maths (accurate IDCT) and resize: only the final rounding.
+  diff = np.abs(out - reference)
+  assert diff.max() <= 0.51, diff.max()
+
+
+@pytest.mark.parametrize("photo", PHOTOS)
+def test_eval_image_antialiased_matches_pil(shared_dir, photo):
+  path = shared_dir / "images" / photo
+  config = preprocessing.PreprocessConfig.for_mode("eval", {"antialias": True})
+  out = preprocessing.eval_image(tf.io.read_file(str(path)), image_size=224,
+                                 config=config).numpy()
+  crop = _central_crop_reference(np.asarray(Image.open(path).convert("RGB")),
+                                 0.8)
+  reference = np.asarray(Image.fromarray(crop).resize(
+      (224, 224), Image.BILINEAR)).astype(float)
+  diff = np.abs(out - reference)
+  assert diff.max() <= 1 and diff.mean() < 0.2
+
+
+def test_feature_crops(shared_dir):
+  path = shared_dir / "images" / PHOTOS[1]  # 1280 x 960.
+  image_bytes = tf.io.read_file(str(path))
+  one = preprocessing.feature_crops(image_bytes).numpy()
+  ten = preprocessing.feature_crops(image_bytes, ten_crop=True).numpy()
+  assert one.shape == (1, 224, 224, 3) and one.dtype == np.uint8
+  assert ten.shape == (10, 224, 224, 3)
+  np.testing.assert_array_equal(ten[4], one[0])
+  np.testing.assert_array_equal(ten[5:], ten[:5, :, ::-1])
+  resized = _resize_bilinear_reference(
+      np.asarray(Image.open(path).convert("RGB")), 256, 341)
+  expected = {0: resized[:224, :224], 1: resized[:224, -224:],
+              2: resized[-224:, :224], 3: resized[-224:, -224:],
+              4: resized[16:240, 58:282]}
+  for index, crop in expected.items():
+    assert np.abs(ten[index] - crop).max() <= 0.51, index
+
+
+def test_corrupt_image_raises_so_the_pipeline_can_skip_it():
+  config = preprocessing.PreprocessConfig.for_mode("pretrain")
+  jpeg = _encode(_coordinate_image(), fmt="JPEG").numpy()
+  for broken in (b"not an image at all", jpeg[:len(jpeg) // 3]):
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      preprocessing.train_image(tf.constant(broken), _seed(0), image_size=32,
+                                config=config)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_fused_colour_distortion_matches_tf_image_ops(first_order):
+  rng = np.random.default_rng(2)
+  image = rng.uniform(0, 255, (24, 24, 3)).astype(np.float32)
+  image[0, :4] = [[10, 10, 10], [200, 200, 200], [0, 0, 0], [255, 0, 0]]
+  params = dict(brightness=20.0, saturation=1.4, hue=-0.15, contrast=0.7)
+  x = tf.constant(image / 255.0)
+  steps = [
+      lambda x: tf.image.adjust_brightness(x, params["brightness"] / 255.0),
+      lambda x: tf.image.adjust_saturation(x, params["saturation"]),
+      lambda x: tf.image.adjust_hue(x, params["hue"]),
+      lambda x: tf.image.adjust_contrast(x, params["contrast"])]
+  order = [0, 1, 2, 3] if first_order else [0, 3, 1, 2]
+  for i in order:
+    x = steps[i](x)
+  fused = preprocessing._colour(tf.constant(image), first_order,
+                                **params)
+  np.testing.assert_allclose(fused.numpy(), x.numpy() * 255.0, atol=0.05)
