@@ -1,0 +1,1 @@
+"""TFDS dataset builders of this project (`tfds build tfds_builder/<name>`)."""
