@@ -1,0 +1,187 @@
+"""``mlimages classify | features | evaluate``: using a trained checkpoint.
+
+Argument parsing and printing only; the work is in mlimages_jax.inference and
+mlimages_jax.evaluate (importable from a notebook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("images", nargs="*", metavar="IMAGE",
+                      help="image files (JPEG, PNG, GIF, BMP)")
+  parser.add_argument("--list", dest="image_list", metavar="FILE",
+                      help="a file with one image path per line")
+  parser.add_argument("--root", metavar="DIR",
+                      help="directory that relative paths in --list are "
+                      "relative to (default: the current directory)")
+  parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                      help="a training workdir, one of its checkpoint steps, "
+                      "or an inference checkpoint (e.g. a converted TF one)")
+  parser.add_argument("--batch-size", type=_positive_int, default=32,
+                      help="images per forward pass (default: %(default)s)")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+  classify = subparsers.add_parser(
+      "classify", help="top-k classes of images",
+      description="Prints the top-k classes (index, wnid or ImageNet id, "
+      "name, probability) of each image; unreadable files are skipped.")
+  _add_image_arguments(classify)
+  classify.add_argument("--top-k", type=_positive_int, default=5,
+                        help="classes per image (default: %(default)s)")
+  classify.add_argument("--out", metavar="FILE",
+                        help="also write the predictions as TSV (e.g. "
+                        "label_pred.txt)")
+  classify.set_defaults(func=_classify)
+
+  features = subparsers.add_parser(
+      "features", help="pooled features of images (.npy)",
+      description="Writes float32 (images, feature size) to FILE.npy and the "
+      "images, one per row, to FILE.txt (shorter side 256, centre 224 crop "
+      "or the 10 crops averaged). Rerunning a killed run resumes it.")
+  _add_image_arguments(features)
+  features.add_argument("--crop", choices=("center", "10crop"),
+                        default="center", help="default: %(default)s")
+  features.add_argument("--out", required=True, metavar="FILE.npy")
+  features.add_argument("--chunk-size", type=_positive_int, default=1024,
+                        help="images per saved chunk: a killed run resumes "
+                        "from FILE.npy.partial/ (default: %(default)s)")
+  features.set_defaults(func=_features)
+
+  evaluate = subparsers.add_parser(
+      "evaluate", help="evaluate a checkpoint on a TFDS split",
+      description="Single-label: top-1/top-5 accuracy. Multi-label: mAP, "
+      "P/R/F1 at top-k per class and per image, mAP per hierarchy depth. "
+      "Writes WORKDIR/eval_results.json; rerunning a killed evaluation "
+      "resumes it.")
+  evaluate.add_argument("--checkpoint", required=True, metavar="DIR")
+  evaluate.add_argument("--dataset", required=True,
+                        help="TFDS name, e.g. ml_images/full or imagenet2012")
+  evaluate.add_argument("--data-dir", help="TFDS data directory")
+  evaluate.add_argument("--split", default="validation")
+  evaluate.add_argument("--image-size", type=_positive_int, action="append",
+                        metavar="SIZE", help="repeatable, e.g. --image-size "
+                        "224 --image-size 299 (default: the checkpoint's)")
+  evaluate.add_argument("--batch-size", type=_positive_int, default=64,
+                        help="global batch size (default: %(default)s)")
+  evaluate.add_argument("--top-k", type=_positive_int, nargs="+",
+                        default=[1, 5, 10],
+                        help="k for multi-label P/R/F1 (default: 1 5 10)")
+  evaluate.add_argument("--num-examples", type=int, default=0,
+                        help="evaluate only the first N examples (0: all)")
+  evaluate.add_argument("--workdir", required=True,
+                        help="where eval_results.json is written")
+  evaluate.add_argument("--no-progress", action="store_true")
+  evaluate.set_defaults(func=_evaluate)
+
+
+def _image_paths(args: argparse.Namespace) -> list[str] | None:
+  from mlimages_jax import inference
+  paths = list(args.images)
+  if args.image_list:
+    try:
+      paths += inference.read_image_list(args.image_list, args.root)
+    except OSError as e:
+      print(f"error: cannot read --list {args.image_list}: {e}",
+            file=sys.stderr)
+      return None
+  if not paths:
+    print("error: no images given (IMAGE... or --list FILE)", file=sys.stderr)
+    return None
+  return paths
+
+
+def _load(checkpoint: str):
+  from mlimages_jax import checkpoints
+  from mlimages_jax import inference
+  try:
+    return inference.LoadedModel.load(checkpoint)
+  except checkpoints.CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None
+
+
+def _report(verb: str, done: int, failures) -> int:
+  for failure in failures:
+    print(f"skipped {failure.path}: {failure.reason}", file=sys.stderr)
+  total = done + len(failures)
+  print(f"{verb} {done} of {total} images"
+        + (f" ({len(failures)} skipped)" if failures else ""), file=sys.stderr)
+  return 0 if done else 1
+
+
+def _classify(args: argparse.Namespace) -> int:
+  from mlimages_jax import inference
+  paths = _image_paths(args)
+  if paths is None:
+    return 2
+  model = _load(args.checkpoint)
+  if model is None:
+    return 1
+  predictions, failures = inference.classify(
+      model, paths, top_k=args.top_k, batch_size=args.batch_size,
+      progress=not args.no_progress)
+  for p in predictions:
+    print(p.path)
+    for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
+      print(f"  {rank}. {prob:.4f}  {index:>5}  {class_id}  {name}")
+  if args.out and predictions:
+    inference.write_predictions(args.out, predictions)
+    print(f"wrote {args.out}", file=sys.stderr)
+  return _report("classified", len(predictions), failures)
+
+
+def _features(args: argparse.Namespace) -> int:
+  from mlimages_jax import inference
+  paths = _image_paths(args)
+  if paths is None:
+    return 2
+  model = _load(args.checkpoint)
+  if model is None:
+    return 1
+  try:
+    features, kept, failures = inference.extract_features_to_file(
+        model, paths, args.out, crop=args.crop, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, progress=not args.no_progress)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if kept:
+    print(f"wrote {args.out} {features.shape} and "
+          f"{inference.features_list_path(args.out)}", file=sys.stderr)
+  return _report("extracted features of", len(kept), failures)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+  import json
+
+  from mlimages_jax import checkpoints
+  from mlimages_jax import evaluate
+  from mlimages_jax import input_pipeline
+  try:
+    results = evaluate.evaluate_checkpoint(
+        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+        split=args.split, image_size=args.image_size,
+        batch_size=args.batch_size, workdir=args.workdir,
+        top_k=tuple(args.top_k), num_examples=args.num_examples,
+        progress=not args.no_progress)
+  except (checkpoints.CheckpointError, input_pipeline.DatasetNotBuiltError,
+          evaluate.EvaluationError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(evaluate.summary(results), indent=1))
+  print(f"wrote {results['path']}", file=sys.stderr)
+  return 0

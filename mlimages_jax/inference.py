@@ -1,0 +1,402 @@
+"""Using a trained model: classify images and extract features (ML_IMAGES.md §9).
+
+`LoadedModel` turns any checkpoint (a training workdir, a step, or an
+inference checkpoint such as a converted TF one) into a pmapped forward pass
+over the local devices; evaluation reuses it. Images are read and
+preprocessed by a tf.data pipeline (parallel decode) with the same TF
+functions as training and evaluation, so a photo is seen exactly as the
+evaluation pipeline would see it:
+
+- `classify`: §7 evaluation preprocessing (central 80 % crop, bilinear resize
+  to the checkpoint's image size), the top-k classes with index, id (wnid or
+  ImageNet-1k id), name and probability (sigmoid for multi-label models,
+  softmax for single-label ones).
+- `extract_features`: §9 preprocessing (shorter side 256, the centre 224 crop
+  or the 10 crops averaged), the pooled feature vector of each image.
+
+Files that cannot be read or decoded are skipped and reported with their
+reason; results keep the order of the input. `extract_features_to_file`
+saves long runs chunk by chunk so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from mlimages_jax import checkpoints
+from mlimages_jax import hierarchy
+from mlimages_jax import preprocessing
+from mlimages_jax.models import resnet
+
+CROPS = ("center", "10crop")
+FEATURE_RESIZE, FEATURE_CROP = 256, 224
+
+
+class LoadedModel:
+  """A checkpoint's network, replicated on the local devices, and its metadata.
+
+  The variables are checked against the network the metadata describes
+  before anything runs, so a checkpoint whose metadata and weights disagree
+  (depth, width, classes) fails with the list of differences instead of a
+  shape error inside XLA.
+  """
+
+  def __init__(self, variables: Mapping[str, Any], metadata: Mapping[str, Any],
+               *, source: str = "checkpoint"):
+    self.metadata = dict(metadata)
+    self.source = source
+    spec = self.metadata["model"]
+    self.model = resnet.create_model(
+        int(spec["depth"]), int(spec["num_classes"]),
+        width_multiplier=float(spec["width_multiplier"]))
+    _check_variables(self.model, variables, source)
+    self.devices = jax.local_devices()
+    # pmap over the default devices: on several hosts every process feeds its
+    # local devices, as in a data-parallel training step.
+    self._variables = flax.jax_utils.replicate(
+        jax.tree.map(np.asarray, dict(variables)))
+    self._forward = jax.pmap(self._apply)
+
+  @classmethod
+  def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
+    """Loads any checkpoint kind; unreadable ones raise CheckpointError."""
+    try:
+      variables, metadata = checkpoints.load_for_inference(checkpoint)
+    except checkpoints.CheckpointError:
+      raise
+    except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
+      raise checkpoints.CheckpointError(
+          f"{checkpoint}: cannot read the checkpoint ({type(e).__name__}: "
+          f"{e})") from e
+    return cls(variables, metadata, source=os.path.abspath(checkpoint))
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.metadata["model"]["num_classes"])
+
+  @property
+  def image_size(self) -> int:
+    return int(self.metadata["image_size"])
+
+  @property
+  def label_mode(self) -> str:
+    return self.metadata["label_mode"]
+
+  @property
+  def class_ids(self) -> list[str]:
+    return self.metadata["classes"]["ids"]
+
+  @property
+  def class_names(self) -> list[str]:
+    return self.metadata["classes"]["names"]
+
+  def _apply(self, variables: Any, images: jnp.ndarray
+             ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    return self.model.apply(variables, preprocessing.normalize(images),
+                            train=False)
+
+  def forward_sharded(self, images: np.ndarray
+                      ) -> tuple[jax.Array, jax.Array]:
+    """uint8 [devices, per_device, H, W, 3] -> (logits, features), sharded."""
+    return self._forward(self._variables, images)
+
+  def forward(self, images: np.ndarray, pad_to: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, H, W, 3] -> NumPy (logits [N, C], features [N, F]).
+
+    The batch is zero-padded to `pad_to` rows (rounded up to the device
+    count) so that every call of a run has one shape and compiles once.
+    """
+    n = len(images)
+    d = len(self.devices)
+    rows = -(-max(n, pad_to or 0) // d) * d
+    padded = np.zeros((rows, *images.shape[1:]), images.dtype)
+    padded[:n] = images
+    logits, features = self.forward_sharded(
+        padded.reshape(d, rows // d, *images.shape[1:]))
+    return (np.asarray(logits).reshape(rows, -1)[:n],
+            np.asarray(features).reshape(rows, -1)[:n])
+
+  def probabilities(self, logits: np.ndarray) -> np.ndarray:
+    """Sigmoid scores for multi-label models, softmax for single-label ones."""
+    logits = np.asarray(logits, np.float64)
+    if self.label_mode == "single":
+      shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+      return shifted / shifted.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
+                     source: str) -> None:
+  """Raises CheckpointError listing every missing/unexpected/misshaped array."""
+  expected = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                         train=False))
+  want = {jax.tree_util.keystr(k): v.shape
+          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(k): np.shape(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(dict(variables))}
+  problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have)]
+  problems += [f"unexpected {k} {have[k]}" for k in sorted(have.keys() - want)]
+  problems += [f"{k}: checkpoint {have[k]}, model {want[k]}"
+               for k in sorted(want.keys() & have) if want[k] != have[k]]
+  if problems:
+    raise checkpoints.CheckpointError(
+        f"{source}: the weights do not fit the network its metadata describes "
+        f"(ResNet stages {tuple(model.stage_sizes)}, width "
+        f"{model.width_multiplier}, {model.num_classes} classes): "
+        f"{len(problems)} problem(s): " + "; ".join(problems[:10])
+        + (" ..." if len(problems) > 10 else ""))
+
+
+# ---------------------------------------------------------------------------
+# Reading images.
+
+
+def read_image_list(path: str | os.PathLike[str],
+                    root: str | os.PathLike[str] | None = None) -> list[str]:
+  """Paths from a list file (one per line; blank lines and `#` comments skipped).
+
+  Relative entries are resolved against `root` (default: the current
+  directory), like the original project's `im_list_for_classification.txt`.
+  """
+  paths = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      entry = line.strip()
+      if entry and not entry.startswith("#"):
+        paths.append(entry if root is None or os.path.isabs(entry)
+                     else os.path.join(root, entry))
+  return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+  """An input that was skipped (its position in the input), and why."""
+  index: int
+  path: str
+  reason: str
+
+
+def _unreadable(path: str) -> str | None:
+  if not os.path.exists(path):
+    return "no such file"
+  if not os.path.isfile(path):
+    return "not a file"
+  if not os.access(path, os.R_OK):
+    return "permission denied"
+  return None
+
+
+def _preprocessed_batches(
+    paths: Sequence[str], preprocess: Callable[[tf.Tensor], tf.Tensor],
+    batch_size: int, progress: bool, failures: list[Failure]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (input indices, uint8 [b, crops, H, W, 3]) in input order.
+
+  Unreadable files never enter the pipeline; files that fail to decode are
+  dropped by `ignore_errors` and found as the indices missing between the
+  ones that come out. Both are appended to `failures`.
+  """
+  readable = []
+  for i, path in enumerate(paths):
+    reason = _unreadable(path)
+    if reason:
+      failures.append(Failure(i, path, reason))
+    else:
+      readable.append(i)
+  bar = tqdm(total=len(paths), unit="img", disable=not progress)
+  bar.update(len(paths) - len(readable))
+  if readable:
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.array(readable, np.int64), [paths[i] for i in readable]))
+    ds = ds.map(lambda i, p: (i, preprocess(tf.io.read_file(p))),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().batch(batch_size).prefetch(2)
+    readable.append(len(paths))  # Sentinel: everything left is missing.
+    pos = 0
+    for indices, images in ds.as_numpy_iterator():
+      for i in indices:
+        while readable[pos] < i:
+          skipped = readable[pos]
+          failures.append(Failure(skipped, paths[skipped],
+                                  "not a decodable image"))
+          pos += 1
+        pos += 1
+      bar.update(len(indices))
+      yield indices, images
+    while readable[pos] < len(paths):
+      failures.append(Failure(readable[pos], paths[readable[pos]],
+                              "not a decodable image"))
+      pos += 1
+  bar.update(len(paths) - bar.n)
+  bar.close()
+  failures.sort(key=lambda f: f.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """The top-k classes of one image: (index, id, name, probability) each."""
+  path: str
+  classes: tuple[tuple[int, str, str, float], ...]
+
+
+def classify(model: LoadedModel, paths: Sequence[str], *, top_k: int = 5,
+             batch_size: int = 32, progress: bool = True
+             ) -> tuple[list[Prediction], list[Failure]]:
+  """Top-k classes of each readable image (§7 evaluation preprocessing)."""
+  if top_k < 1:
+    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  config = preprocessing.PreprocessConfig.for_mode("eval")
+  top_k = min(top_k, model.num_classes)
+
+  def preprocess(data: tf.Tensor) -> tf.Tensor:
+    return preprocessing.eval_image(data, image_size=model.image_size,
+                                    config=config)[None]
+
+  predictions, failures = [], []
+  for indices, images in _preprocessed_batches(paths, preprocess, batch_size,
+                                               progress, failures):
+    logits, _ = model.forward(images[:, 0], pad_to=batch_size)
+    probs = model.probabilities(logits)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    for i, row, top in zip(indices, probs, order):
+      predictions.append(Prediction(paths[i], tuple(
+          (int(c), model.class_ids[c], model.class_names[c], float(row[c]))
+          for c in top)))
+  return predictions, failures
+
+
+def extract_features(model: LoadedModel, paths: Sequence[str], *,
+                     crop: str = "center", batch_size: int = 32,
+                     progress: bool = True
+                     ) -> tuple[np.ndarray, list[str], list[Failure]]:
+  """Pooled features float32 [n_ok, F] of the readable images, input order.
+
+  `crop` "center" uses the centre 224 crop of the image resized to shorter
+  side 256; "10crop" averages the features of the 4 corner crops, the centre
+  crop and their mirrors (§9). Returns (features, their paths, failures).
+  """
+  if crop not in CROPS:
+    raise ValueError(f"crop must be one of {CROPS}, not {crop!r}")
+
+  def preprocess(data: tf.Tensor) -> tf.Tensor:
+    return preprocessing.feature_crops(
+        data, resize_size=FEATURE_RESIZE, crop_size=FEATURE_CROP,
+        ten_crop=crop == "10crop")
+
+  chunks, kept, failures = [], [], []
+  for indices, crops in _preprocessed_batches(paths, preprocess, batch_size,
+                                              progress, failures):
+    n, num_crops = crops.shape[:2]
+    _, features = model.forward(crops.reshape(n * num_crops, *crops.shape[2:]),
+                                pad_to=batch_size * num_crops)
+    chunks.append(features.reshape(n, num_crops, -1).mean(axis=1))
+    kept.extend(paths[i] for i in indices)
+  width = resnet.scaled_features(2048, model.model.width_multiplier)
+  features = (np.concatenate(chunks).astype(np.float32) if chunks
+              else np.zeros((0, width), np.float32))
+  return features, kept, failures
+
+
+# ---------------------------------------------------------------------------
+# Writing results (atomically: temp file + rename).
+
+PREDICTIONS_HEADER = "image\trank\tindex\tid\tname\tprobability"
+
+
+def write_predictions(path: str | os.PathLike[str],
+                      predictions: Sequence[Prediction]) -> None:
+  """TSV, one line per (image, rank), with a header line."""
+  with hierarchy.atomic_writer(path, encoding="utf-8") as f:
+    f.write(PREDICTIONS_HEADER + "\n")
+    for p in predictions:
+      for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
+        f.write(f"{p.path}\t{rank}\t{index}\t{class_id}\t{name}\t{prob:.6f}\n")
+
+
+def features_list_path(path: str | os.PathLike[str]) -> pathlib.Path:
+  """Where the list of images of a features file goes: FILE.npy -> FILE.txt."""
+  return pathlib.Path(path).with_suffix(".txt")
+
+
+def write_features(path: str | os.PathLike[str], features: np.ndarray,
+                   image_paths: Sequence[str]) -> pathlib.Path:
+  """Writes FILE.npy and, row by row, the images' paths to FILE.txt."""
+  if len(features) != len(image_paths):
+    raise ValueError(f"{len(features)} feature rows for {len(image_paths)} "
+                     "images")
+  list_path = features_list_path(path)
+  with hierarchy.atomic_writer(path, "wb") as f, \
+      hierarchy.atomic_writer(list_path, encoding="utf-8") as names:
+    np.save(f, np.asarray(features, np.float32))
+    names.writelines(f"{p}\n" for p in image_paths)
+  return list_path
+
+
+def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
+                             out: str | os.PathLike[str], *,
+                             crop: str = "center", batch_size: int = 32,
+                             chunk_size: int = 1024, progress: bool = True
+                             ) -> tuple[np.ndarray, list[str], list[Failure]]:
+  """`extract_features` for long lists, written to `out` and its list; resumable.
+
+  Each chunk of `chunk_size` images is saved when it is done in
+  ``<out>.partial/``; rerunning the same command (same images, checkpoint and
+  crop) after a kill skips the chunks already done, so no work is lost or
+  repeated. The directory is removed once `out` has been written.
+  """
+  out = pathlib.Path(out)
+  work = out.with_name(out.name + ".partial")
+  fingerprint = {
+      "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+      "num_images": len(paths), "checkpoint": model.source,
+      "step": model.metadata["step"], "crop": crop, "chunk_size": chunk_size}
+  manifest = work / "manifest.json"
+  if manifest.exists() and json.loads(manifest.read_text()) != fingerprint:
+    raise ValueError(f"{work} holds partial results of another features run "
+                     "(other images, checkpoint or crop); delete it to start "
+                     "over")
+  work.mkdir(parents=True, exist_ok=True)
+  with hierarchy.atomic_writer(manifest) as f:
+    json.dump(fingerprint, f)
+
+  chunks, failed, reasons = [], [], []
+  starts = range(0, len(paths), chunk_size)
+  for start in tqdm(starts, unit="chunk", disable=not progress,
+                    desc=f"features ({chunk_size} images/chunk)"):
+    part = work / f"part-{start:012d}.npz"
+    if not part.exists():
+      features, _, failures = extract_features(
+          model, paths[start:start + chunk_size], crop=crop,
+          batch_size=batch_size, progress=False)
+      with hierarchy.atomic_writer(part, "wb") as f:
+        np.savez(f, features=features,
+                 failed=np.array([start + x.index for x in failures], np.int64),
+                 reasons=np.array([x.reason for x in failures], str))
+    with np.load(part) as saved:
+      chunks.append(saved["features"])
+      failed.extend(saved["failed"].tolist())
+      reasons.extend(saved["reasons"].tolist())
+  failures = [Failure(i, paths[i], r) for i, r in zip(failed, reasons)]
+  skipped = set(failed)
+  kept = [p for i, p in enumerate(paths) if i not in skipped]
+  features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+  if kept:
+    write_features(out, features, kept)
+  shutil.rmtree(work)
+  return features, kept, failures

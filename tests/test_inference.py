@@ -1,0 +1,363 @@
+"""Tests for mlimages_jax.inference and `mlimages classify | features`.
+
+A tiny ResNet-14 is saved as a real Orbax inference checkpoint; its outputs
+through the CLI and the library are checked against the same network applied
+directly to the same preprocessing, image by image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from mlimages_jax import checkpoints
+from mlimages_jax import inference
+from mlimages_jax import losses
+from mlimages_jax import preprocessing
+from mlimages_jax import train
+from mlimages_jax.cli import main as cli_main
+from mlimages_jax.models import resnet
+
+NUM_CLASSES = 7
+WIDTH = 0.0625
+IMAGE_SIZE = 32
+CLASS_IDS = [f"n{i:08d}" for i in range(NUM_CLASSES)]
+CLASS_NAMES = [f"class {i}" for i in range(NUM_CLASSES)]
+
+
+@functools.cache
+def tiny_variables(seed: int = 0) -> dict:
+  """Random weights and non-trivial BN statistics (so outputs differ a lot)."""
+  model = resnet.create_model(14, NUM_CLASSES, width_multiplier=WIDTH)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(seed), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
+  rng = np.random.default_rng(seed)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, x: (rng.uniform(0.5, 1.5, x.shape) if path[-1].key == "var"
+                       else rng.normal(0, 0.1, x.shape)).astype(np.float32),
+      variables["batch_stats"])
+  return {"params": jax.tree.map(np.asarray, variables["params"]),
+          "batch_stats": stats}
+
+
+def tiny_metadata(label_mode: str = "multi", **overrides) -> dict:
+  kwargs = dict(depth=14, num_classes=NUM_CLASSES, width_multiplier=WIDTH,
+                image_size=IMAGE_SIZE, label_mode=label_mode,
+                class_ids=CLASS_IDS, class_names=CLASS_NAMES, step=7)
+  kwargs.update(overrides)
+  return checkpoints.make_metadata(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  path = tmp_path_factory.mktemp("ckpt") / "tiny"
+  checkpoints.save_inference_checkpoint(path, tiny_variables(), tiny_metadata())
+  return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint) -> inference.LoadedModel:
+  return inference.LoadedModel.load(checkpoint)
+
+
+def _save(path: pathlib.Path, pixels: np.ndarray, **kwargs) -> str:
+  Image.fromarray(pixels).save(path, **kwargs)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def generated_images(tmp_path_factory) -> list[str]:
+  """JPEG, PNG and grayscale images of different sizes and aspect ratios."""
+  folder = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(1)
+  paths = []
+  for i, (h, w) in enumerate([(40, 60), (300, 200), (64, 64), (257, 513)]):
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    paths.append(_save(folder / f"img{i}.{'png' if i == 1 else 'jpg'}",
+                       pixels))
+  paths.append(_save(folder / "gray.jpg",
+                     rng.integers(0, 256, (50, 70), dtype=np.uint8)))
+  return paths
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, generated_images) -> dict[str, str]:
+  folder = tmp_path_factory.mktemp("bad")
+  text = folder / "notes.jpg"
+  text.write_text("not an image at all\n")
+  truncated = folder / "truncated.png"
+  truncated.write_bytes(pathlib.Path(generated_images[1]).read_bytes()[:100])
+  return {str(text): "not a decodable image",
+          str(truncated): "not a decodable image",
+          str(folder / "missing.jpg"): "no such file",
+          str(folder): "not a file"}
+
+
+_MODEL = resnet.create_model(14, NUM_CLASSES, width_multiplier=WIDTH)
+_apply = jax.jit(lambda v, x: _MODEL.apply(v, preprocessing.normalize(x),
+                                            train=False))
+
+
+def _reference(variables, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The network applied directly, one image at a time."""
+  outputs = [_apply(variables, x[None]) for x in images]
+  return (np.concatenate([np.asarray(o[0]) for o in outputs]),
+          np.concatenate([np.asarray(o[1]) for o in outputs]))
+
+
+def _read(path: str) -> tf.Tensor:
+  return tf.io.read_file(path)
+
+
+def test_classify_matches_direct_forward(loaded, generated_images):
+  images = np.stack([preprocessing.eval_image(
+      _read(p), image_size=IMAGE_SIZE,
+      config=preprocessing.PreprocessConfig.for_mode("eval")).numpy()
+                     for p in generated_images])
+  logits, _ = _reference(tiny_variables(), images)
+  predictions, failures = inference.classify(
+      loaded, generated_images, top_k=3, batch_size=2, progress=False)
+  assert failures == []
+  assert [p.path for p in predictions] == generated_images
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  for p, row in zip(predictions, probs):
+    top = np.argsort(-row, kind="stable")[:3]
+    assert [c[0] for c in p.classes] == list(top)
+    assert [c[1] for c in p.classes] == [CLASS_IDS[i] for i in top]
+    assert [c[2] for c in p.classes] == [CLASS_NAMES[i] for i in top]
+    np.testing.assert_allclose([c[3] for c in p.classes], row[top], rtol=1e-5)
+
+
+def test_training_workdir_gives_the_same_predictions(loaded, tmp_path,
+                                                     generated_images):
+  """A training run's workdir (Orbax train state) works like an export."""
+  variables = tiny_variables()
+  state = train.TrainState(
+      step=np.int32(3), params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=optax.sgd(0.1, momentum=0.9).init(variables["params"]),
+      loss_state=losses.init_loss_state(NUM_CLASSES),
+      rng=np.asarray(jax.random.PRNGKey(0)))
+  checkpointer = checkpoints.TrainCheckpointer(tmp_path, async_save=False)
+  checkpointer.save(3, state, tiny_metadata(step=3), None)
+  checkpointer.close()
+  from_workdir = inference.LoadedModel.load(tmp_path)
+  assert from_workdir.metadata["step"] == 3
+  images = np.random.default_rng(0).integers(
+      0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+  for a, b in zip(from_workdir.forward(images), loaded.forward(images)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_single_label_probabilities_are_softmax():
+  model = inference.LoadedModel(tiny_variables(), tiny_metadata("single"))
+  logits = np.array([[1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+  probs = model.probabilities(logits)
+  np.testing.assert_allclose(probs, np.exp(logits) / np.exp(logits).sum())
+
+
+def test_bad_files_are_skipped_and_reported(loaded, generated_images,
+                                            bad_files):
+  bad = list(bad_files)
+  paths = [bad[0], generated_images[0], bad[1], bad[2], generated_images[2],
+           bad[3]]
+  predictions, failures = inference.classify(loaded, paths, batch_size=2,
+                                             progress=False)
+  assert [p.path for p in predictions] == [generated_images[0],
+                                           generated_images[2]]
+  assert [(f.index, f.path, f.reason) for f in failures] == [
+      (i, paths[i], bad_files[paths[i]]) for i in (0, 2, 3, 5)]
+  alone, _ = inference.classify(loaded, [generated_images[0],
+                                         generated_images[2]], progress=False)
+  for with_bad, without in zip(predictions, alone):
+    assert [c[:3] for c in with_bad.classes] == [c[:3] for c in without.classes]
+    np.testing.assert_allclose([c[3] for c in with_bad.classes],
+                               [c[3] for c in without.classes], rtol=1e-6)
+
+
+@pytest.mark.parametrize("crop", ["center", "10crop"])
+def test_features_equal_manual_crops(loaded, generated_images, bad_files,
+                                     crop):
+  paths = [generated_images[0], list(bad_files)[0], *generated_images[1:4]]
+  features, kept, failures = inference.extract_features(
+      loaded, paths, crop=crop, batch_size=3, progress=False)
+  assert kept == [paths[0], *paths[2:]]
+  assert [f.path for f in failures] == [paths[1]]
+  assert features.dtype == np.float32 and features.shape == (4, 8 * 16)
+  variables = tiny_variables()
+  for row, path in zip(features, kept):
+    crops = preprocessing.feature_crops(
+        _read(path), ten_crop=crop == "10crop").numpy()
+    assert crops.shape == ((10 if crop == "10crop" else 1), 224, 224, 3)
+    _, per_crop = _reference(variables, crops)
+    np.testing.assert_allclose(row, per_crop.mean(axis=0), rtol=2e-5,
+                               atol=1e-6)
+
+
+def test_feature_crops_are_corners_centre_and_mirrors(generated_images):
+  """The 10 crops are the §9 ones, from the image resized to side 256."""
+  path = generated_images[1]  # 300 x 200 PNG: resized to 384 x 256.
+  crops = preprocessing.feature_crops(_read(path), ten_crop=True).numpy()
+  centre = preprocessing.feature_crops(_read(path)).numpy()
+  np.testing.assert_array_equal(crops[4], centre[0])
+  np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
+
+
+def test_cli_classify_and_features(checkpoint, generated_images, bad_files,
+                                   tmp_path, capsys):
+  listing = tmp_path / "list.txt"
+  folder = pathlib.Path(generated_images[0]).parent
+  listing.write_text("# images\n" + "".join(
+      f"{pathlib.Path(p).name}\n" for p in generated_images[:2]) + "\n")
+  out = tmp_path / "label_pred.txt"
+  bad = list(bad_files)[0]
+  code = cli_main(["classify", generated_images[2], bad, "--list",
+                   str(listing), "--root", str(folder), "--checkpoint",
+                   str(checkpoint), "--top-k", "2", "--out", str(out),
+                   "--no-progress"])
+  captured = capsys.readouterr()
+  assert code == 0
+  assert f"skipped {bad}: not a decodable image" in captured.err
+  assert "classified 3 of 4 images (1 skipped)" in captured.err
+  lines = out.read_text().splitlines()
+  assert lines[0] == inference.PREDICTIONS_HEADER
+  expected_order = [generated_images[2], *generated_images[:2]]
+  assert [line.split("\t")[0] for line in lines[1:]] == [
+      p for p in expected_order for _ in range(2)]
+  assert [line.split("\t")[1] for line in lines[1:]] == ["1", "2"] * 3
+  for line in lines[1:]:
+    _, _, index, class_id, name, prob = line.split("\t")
+    assert (class_id, name) == (CLASS_IDS[int(index)], CLASS_NAMES[int(index)])
+    assert 0 < float(prob) < 1
+
+  npy = tmp_path / "feats.npy"
+  code = cli_main(["features", *generated_images[:3], "--checkpoint",
+                   str(checkpoint), "--crop", "10crop", "--out", str(npy),
+                   "--batch-size", "3", "--no-progress"])
+  assert code == 0
+  features = np.load(npy)
+  assert features.shape == (3, 128) and features.dtype == np.float32
+  assert (tmp_path / "feats.txt").read_text().splitlines() == (
+      generated_images[:3])
+  loaded = inference.LoadedModel.load(checkpoint)
+  direct, _, _ = inference.extract_features(
+      loaded, generated_images[:3], crop="10crop", batch_size=3,
+      progress=False)
+  np.testing.assert_allclose(features, direct, rtol=1e-6)
+
+
+def test_killed_features_run_resumes_without_redoing_chunks(
+    loaded, generated_images, bad_files, tmp_path, monkeypatch):
+  paths = [*generated_images, list(bad_files)[0]]  # 6 images, 3 chunks of 2.
+  out = tmp_path / "f.npy"
+  calls = []
+  real = inference.extract_features
+
+  def dies_on_third_chunk(model, chunk, **kwargs):
+    calls.append(list(chunk))
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # Killed while the third chunk runs.
+    return real(model, chunk, **kwargs)
+
+  monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
+  with pytest.raises(KeyboardInterrupt):
+    inference.extract_features_to_file(loaded, paths, out, chunk_size=2,
+                                       progress=False)
+  assert not out.exists()
+  assert len(list((tmp_path / "f.npy.partial").glob("part-*.npz"))) == 2
+  calls.clear()
+  monkeypatch.setattr(inference, "extract_features", real)
+  with pytest.raises(ValueError, match="another features run"):
+    inference.extract_features_to_file(loaded, paths, out, crop="10crop",
+                                       chunk_size=2, progress=False)
+  monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
+  features, kept, failures = inference.extract_features_to_file(
+      loaded, paths, out, chunk_size=2, progress=False)
+  assert calls == [paths[4:]]  # Only the unfinished chunk was computed.
+  assert not (tmp_path / "f.npy.partial").exists()
+  assert kept == generated_images and [f.index for f in failures] == [5]
+  one_shot, _, _ = real(loaded, paths, batch_size=2, progress=False)
+  np.testing.assert_allclose(np.load(out), one_shot, rtol=1e-5, atol=1e-7)
+  assert (tmp_path / "f.txt").read_text().splitlines() == kept
+
+
+def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,
+                                               tmp_path, capsys):
+  out = tmp_path / "f.npy"
+  assert cli_main(["features", *bad_files, "--checkpoint", str(checkpoint),
+                   "--out", str(out), "--no-progress"]) == 1
+  assert "extracted features of 0 of 4 images (4 skipped)" in (
+      capsys.readouterr().err)
+  assert cli_main(["classify", "--checkpoint", str(checkpoint)]) == 2
+  assert "no images given" in capsys.readouterr().err
+  assert cli_main(["classify", "x.jpg", "--list", str(tmp_path / "nope.txt"),
+                   "--checkpoint", str(checkpoint)]) == 2
+  assert "cannot read --list" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="2"):
+    cli_main(["classify", "x.jpg", "--checkpoint", str(checkpoint),
+              "--top-k", "0"])
+  assert "--top-k: must be >= 1" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_real_photos(loaded, shared_dir, tmp_path):
+  """The original project's photos and list (paths relative to its root)."""
+  listing = shared_dir / "im_list_for_classification.txt"
+  root = tmp_path / "root"
+  (root / "data").mkdir(parents=True)
+  (root / "data" / "images").symlink_to(shared_dir / "images")
+  paths = inference.read_image_list(listing, root)
+  assert [os.path.basename(p) for p in paths] == [
+      f"im_{i}.jpg" for i in range(4)]
+  predictions, failures = inference.classify(loaded, paths, top_k=NUM_CLASSES,
+                                             progress=False)
+  assert failures == [] and len(predictions) == 4
+  for p in predictions:
+    assert sorted(c[0] for c in p.classes) == list(range(NUM_CLASSES))
+  features, kept, _ = inference.extract_features(loaded, paths, progress=False)
+  assert kept == paths and features.shape == (4, 128)
+  assert np.isfinite(features).all() and np.ptp(features, axis=0).max() > 0
+
+
+def test_wrong_or_corrupt_checkpoints(tmp_path, generated_images, capsys):
+  variables = tiny_variables()
+  # Metadata that describes another network than the weights.
+  for overrides, expected in [
+      (dict(depth=26), "missing"),
+      (dict(num_classes=9, class_ids=[str(i) for i in range(9)],
+            class_names=[str(i) for i in range(9)]), r"model \(9,\)"),
+      (dict(width_multiplier=0.125), "checkpoint"),
+  ]:
+    path = tmp_path / f"wrong-{len(list(tmp_path.iterdir()))}"
+    checkpoints.save_inference_checkpoint(path, variables,
+                                          tiny_metadata(**overrides))
+    with pytest.raises(checkpoints.CheckpointError, match=expected):
+      inference.LoadedModel.load(path)
+  out = tmp_path / "pred.txt"
+  assert cli_main(["classify", generated_images[0], "--checkpoint",
+                   str(path), "--out", str(out)]) == 1
+  assert "do not fit the network" in capsys.readouterr().err
+  assert not out.exists()
+
+  # Corrupt: metadata that is not ours, and weights whose files are gone.
+  corrupt = tmp_path / "corrupt"
+  checkpoints.save_inference_checkpoint(corrupt, variables, tiny_metadata())
+  meta = corrupt / checkpoints.INFERENCE_METADATA_FILE
+  meta.write_text(json.dumps({"format": "something-else"}))
+  with pytest.raises(checkpoints.CheckpointError, match="not an mlimages-jax"):
+    inference.LoadedModel.load(corrupt)
+  meta.write_text(json.dumps(tiny_metadata()))
+  shutil.rmtree(corrupt / "variables" / "d")
+  with pytest.raises(checkpoints.CheckpointError, match="corrupt|cannot read"):
+    inference.LoadedModel.load(corrupt)
