@@ -6,15 +6,21 @@ confidence 1 and -1 means "ignore this class for this image".
 
 Two layers share one set of rules:
 - per line (`parse_line`, `format_line`, `augment`): simple and obviously
-  right, used by the TFDS builder for each example and as the reference;
+  right, and `augment` works on Python lists (a few microseconds a row), so
+  it also serves the TFDS builder, which augments one example at a time;
 - per batch (`LabelBatch`, `AnnotationReader.batches`, `augment_batch`,
-  `format_batch`): the same operations on thousands of lines at once in CSR
-  form, with the byte-level tokenising, closure and formatting vectorised in
-  NumPy, so that files of tens of millions of lines stream in bounded memory
-  at ~0.65M lines/s (benchmarks/labels_bench.py). Any line
-  the vectorised tokeniser does not recognise is handed to `parse_line`,
-  which either parses it or raises the error, so both layers accept exactly
-  the same inputs.
+  `LabelFormatter`): the same operations on thousands of lines at once in
+  CSR form, with the byte-level tokenising, closure and formatting
+  vectorised in NumPy. Any line the vectorised tokeniser does not recognise
+  is handed to `parse_line`, which either parses it or raises the error, so
+  both layers accept exactly the same inputs.
+
+Whole files (`augment_file`) stream in bounded memory through
+`ChunkAugmenter`: a bounded memo from annotation text to augmented text
+answers repeated texts (every ImageNet row of a class), and only the rest
+takes the batch path; `workers` processes share the chunks of one file.
+Measured figures and why the single-process CPU time stays well above 3x
+that of merely splitting the lines: benchmarks/labels_bench.py.
 
 Closure rule (`close_over_ancestors`): a class's closed confidence is the
 maximum of its own confidence and the positive confidences of its annotated
@@ -26,14 +32,19 @@ the class is present, which overrides "unknown".
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import gzip
 import io
 import itertools
+import multiprocessing
+import operator
 import os
 import re
+import weakref
 from typing import TYPE_CHECKING, BinaryIO, Callable, Generator, Iterator
 
 import numpy as np
@@ -52,6 +63,9 @@ _BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**64 - 1],
                        np.uint64)
 _INT32_LIMIT = 2**31
 _MAX_EXAMPLES = 20  # Invalid-line messages kept for the summary.
+_FIRST, _SECOND, _THIRD = (operator.itemgetter(k) for k in range(3))
+_OTHER_SPACE = (b" ", b"\r", b"\v", b"\f")  # Whitespace, apart from TAB.
+_MIN_CHUNKS_PER_WORKER = 64
 
 Row = tuple[str, np.ndarray, np.ndarray]
 
@@ -63,6 +77,10 @@ class LabelError(ValueError):
     super().__init__(f"{source}:{lineno}: {message}")
     self.source = source
     self.lineno = lineno
+    self.message = message
+
+  def __reduce__(self):  # Rebuilt from its parts: it crosses processes.
+    return type(self), (self.source, self.lineno, self.message)
 
 
 # ---- one line ---------------------------------------------------------------
@@ -116,25 +134,62 @@ def close_over_ancestors(hierarchy: Hierarchy, indices: np.ndarray,
                          confidences: np.ndarray) -> tuple[np.ndarray,
                                                            np.ndarray]:
   """Adds every ancestor of the positive labels (rule in the module doc)."""
-  _, idx, conf = close_batch(hierarchy, *_one_row(indices, confidences))
-  return idx, conf
+  return augment(hierarchy, indices, confidences)
 
 
 def augment(hierarchy: Hierarchy, indices: np.ndarray,
             confidences: np.ndarray, pairs: CooccurrencePairs | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
-  """The full augmentation of one image's labels: co-occurrence, closure."""
-  _, idx, conf = augment_batch(hierarchy, *_one_row(indices, confidences),
-                               pairs=pairs)
-  return idx, conf
+  """The full augmentation of one image's labels: co-occurrence, closure.
 
-
-def _one_row(indices, confidences):
+  The TFDS builder calls this once per example, so it works on Python lists
+  and dicts (a few microseconds) rather than on the batch path's arrays,
+  whose fixed cost per call is far larger than one row's work; the tests
+  check that both give the same result.
+  """
   idx = np.asarray(indices, np.int32).reshape(-1)
   conf = np.asarray(confidences, np.float32).reshape(-1)
   if idx.shape != conf.shape:
     raise ValueError(f"{idx.size} indices but {conf.size} confidences")
-  return np.array([0, idx.size], np.int64), idx, conf
+  if idx.size and not 0 <= idx.min() <= idx.max() < hierarchy.num_classes:
+    raise ValueError(f"class indices must be in 0..{hierarchy.num_classes - 1}"
+                     f", got {idx.tolist()}")
+  best: dict[int, float] = {}
+  for i, c in zip(idx.tolist(), conf.tolist()):
+    if c > best.get(i, -np.inf):
+      best[i] = c
+  if pairs is not None:
+    for i, c in list(best.items()):
+      if c > 0:
+        first, last = np.searchsorted(pairs.sources, [i, i + 1])
+        for target, pair_conf in zip(pairs.targets[first:last].tolist(),
+                                     pairs.confidences[first:last].tolist()):
+          added = min(c, pair_conf)
+          if added > best.get(target, -np.inf):
+            best[target] = added
+  ancestors = _ancestor_lists(hierarchy)
+  for i, c in list(best.items()):
+    if c > 0:
+      for a in ancestors[i]:
+        if c > best.get(a, -np.inf):
+          best[a] = c
+  order = sorted(best)
+  return (np.array(order, np.int32),
+          np.array([best[i] for i in order], np.float32))
+
+
+_ANCESTOR_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ancestor_lists(hierarchy: Hierarchy) -> list[list[int]]:
+  """`hierarchy.ancestors(i)` for every i as Python lists (cached)."""
+  lists = _ANCESTOR_LISTS.get(hierarchy)
+  if lists is None:
+    ptr = hierarchy.ancestor_indptr.tolist()
+    flat = hierarchy.ancestor_indices.tolist()
+    lists = [flat[a:b] for a, b in zip(ptr[:-1], ptr[1:])]
+    _ANCESTOR_LISTS[hierarchy] = lists
+  return lists
 
 
 # ---- many lines at once (CSR) -----------------------------------------------
@@ -209,7 +264,7 @@ def augment_batch(hierarchy: Hierarchy, indptr: np.ndarray,
 
 def _sortable(conf: np.ndarray) -> np.ndarray:
   """float32 -> uint32 in the same order (flip negatives, set the sign bit)."""
-  bits = conf.astype(np.float32).view(np.uint32)
+  bits = np.asarray(conf, np.float32).view(np.uint32)
   return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF),
                          np.uint32(0x80000000))
 
@@ -225,30 +280,32 @@ def reduce_max(rows: np.ndarray, classes: np.ndarray, confs: np.ndarray,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Sorts (row, class) pairs and keeps the highest confidence of each: CSR.
 
-  One sort of uint64 keys (row, class, order-preserving confidence bits)
-  replaces a lexsort; the last entry of each (row, class) group is its max.
+  One in-place sort of uint64 keys (row, class, order-preserving confidence
+  bits) replaces a lexsort; the last entry of each (row, class) group is its
+  max. Few passes and no avoidable copies: this is the closure's hot path.
   """
-  group = (rows.astype(np.uint64) * np.uint64(num_classes)
-           + classes.astype(np.uint64))
+  group = np.multiply(rows, num_classes, dtype=np.int64)
+  group += classes
   if num_rows * num_classes < 2**32:
-    packed = np.sort((group << np.uint64(32))
-                     | _sortable(confs).astype(np.uint64))
-    group = packed >> np.uint64(32)
+    packed = group.view(np.uint64)
+    packed <<= np.uint64(32)
+    packed |= _sortable(confs)
+    packed.sort()
+    group = (packed >> np.uint64(32)).view(np.int64)
     last = np.ones(len(group), bool)
     np.not_equal(group[1:], group[:-1], out=last[:-1])
     group = group[last]
-    confs = _unsortable((packed[last] & np.uint64(0xFFFFFFFF))
-                        .astype(np.uint32))
+    confs = _unsortable(packed[last].astype(np.uint32))  # The low half.
   else:
     order = np.lexsort((confs, group))
     group, confs = group[order], confs[order]
     last = np.ones(len(group), bool)
     np.not_equal(group[1:], group[:-1], out=last[:-1])
     group, confs = group[last], confs[last].astype(np.float32)
-  rows = (group // np.uint64(num_classes)).astype(np.int64)
+  rows, classes = np.divmod(group, num_classes)
   indptr = np.zeros(num_rows + 1, np.int64)
   np.cumsum(np.bincount(rows, minlength=num_rows), out=indptr[1:])
-  return (indptr, (group % np.uint64(num_classes)).astype(np.int32),
+  return (indptr, classes.astype(np.int32),
           np.ascontiguousarray(confs, np.float32))
 
 
@@ -259,8 +316,8 @@ class LabelBatch:
   Row r is the line `linenos[r]`; its key is the bytes
   ``buffer[key_starts[r]:key_ends[r]]`` and its labels are
   ``indices[indptr[r]:indptr[r + 1]]`` (ascending, unique) with the aligned
-  `confidences`. Keys stay as spans of the read buffer so that a batch can be
-  written back without creating a Python object per line.
+  `confidences`. Keys stay as spans of the read buffer: a Python string is
+  made only for the rows asked for.
   """
 
   buffer: np.ndarray  # uint8
@@ -278,122 +335,74 @@ class LabelBatch:
     return self.buffer[self.key_starts[r]:self.key_ends[r]].tobytes().decode(
         "utf-8", "surrogateescape")
 
-  def keys(self) -> list[str]:
-    return [self.key(r) for r in range(len(self))]
-
   def row(self, r: int) -> Row:
     a, b = self.indptr[r], self.indptr[r + 1]
     return self.key(r), self.indices[a:b], self.confidences[a:b]
 
-  def with_labels(self, indptr: np.ndarray, indices: np.ndarray,
-                  confidences: np.ndarray) -> LabelBatch:
-    return dataclasses.replace(self, indptr=indptr, indices=indices,
-                               confidences=confidences)
 
+class LabelFormatter:
+  """Formats closed label sets (CSR) as ``\t<index>:<confidence>...\n`` lines.
 
-def format_batch(batch: LabelBatch) -> bytes:
-  """All rows of a batch as TAB-separated lines, each ending in a newline."""
-  return BatchFormatter().format(batch)
-
-
-class BatchFormatter:
-  """Formats `LabelBatch`es with one byte gather per batch.
-
-  It keeps, across batches, a pool of ``\t<index>:<confidence>`` token texts
-  (one table of all indices per distinct confidence, built on first use) and
-  copies each batch's read buffer next to it; the output is then a single
-  gather of segments (key, tokens, newline) from that pool: a few NumPy
-  passes over the output bytes, no Python object per line. Batches with
-  more distinct confidences than `max_tables` (raw model scores, say) are
-  formatted line by line with `format_line`.
+  It keeps a table with one zero-padded, fixed-width row per (confidence,
+  class) token, built for a confidence on its first use (`num_classes` rows
+  per distinct confidence). A batch is then one row gather and one pass that
+  drops the padding: no Python object, and no index, per output byte.
+  Batches with more distinct confidences than `max_tables` (raw model
+  scores, say) are formatted line by line with `format_line`.
   """
 
-  def __init__(self, max_tables: int = 256):
+  def __init__(self, num_classes: int, max_tables: int = 256):
+    self.num_classes = num_classes
     self.max_tables = max_tables
     self._values = np.zeros(0, np.float32)  # Sorted confidences with tables.
-    self._tables: dict[float, np.ndarray] = {}  # value -> token offsets [C+1]
-    self._num_classes = 0
-    self._pool = bytearray(b"\n")  # Offset 0: the newline.
-    self._scratch: np.ndarray | None = None
-    self._scratch_pool = 0
-    self._order = np.zeros(0, np.int64)  # Sorted position -> table number.
-    self._token_offsets = np.zeros(1, np.int64)  # Tables, concatenated.
+    self._block = np.zeros(0, np.int64)  # Their table blocks.
+    self._rows = np.frombuffer(b"\n", np.uint8).reshape(1, 1)  # 0: newline.
 
-  def format(self, batch: LabelBatch) -> bytes:
-    if not len(batch):
-      return b""
-    codes = self._codes(batch)
-    if codes is None:
-      return "".join(format_line(*batch.row(r)) + "\n"
-                     for r in range(len(batch))).encode("utf-8",
-                                                        "surrogateescape")
-    num_rows, num_entries = len(batch), len(batch.indices)
-    table = self._token_offsets
-    token = codes.astype(np.int64) * (self._num_classes + 1) + batch.indices
-    # Segment k of row r: 0 = key, 1..n = tokens, n + 1 = newline.
-    row_first = batch.indptr[:-1] + 2 * np.arange(num_rows)
-    seg_start = np.zeros(num_entries + 2 * num_rows, np.int64)
-    seg_len = np.ones(num_entries + 2 * num_rows, np.int64)  # Newlines: 1.
-    seg_start[row_first] = batch.key_starts + len(self._pool)
-    seg_len[row_first] = batch.key_ends - batch.key_starts
-    is_token = np.ones(len(seg_start), bool)
-    is_token[row_first] = False
-    is_token[row_first + np.diff(batch.indptr) + 1] = False
-    seg_start[is_token] = table[token]
-    seg_len[is_token] = table[token + 1] - table[token]
-    source = self._source(len(batch.buffer))
-    source[len(self._pool):len(self._pool) + len(batch.buffer)] = batch.buffer
-    return source[ragged_arange(seg_start, seg_len)].tobytes()
+  def format(self, indptr: np.ndarray, indices: np.ndarray,
+             confidences: np.ndarray) -> bytes:
+    num_rows = len(indptr) - 1
+    blocks = self._blocks(confidences)
+    if blocks is None:
+      return "".join(
+          format_line("", indices[a:b], confidences[a:b]) + "\n"
+          for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())).encode()
+    tokens = np.zeros(len(indices) + num_rows, np.int64)  # 0: newline.
+    is_label = np.ones(len(tokens), bool)
+    is_label[indptr[1:] + np.arange(num_rows)] = False
+    tokens[is_label] = 1 + blocks * self.num_classes + indices
+    width = self._rows.shape[1]
+    text = self._rows.view(f"V{width}").reshape(-1)[tokens].view(np.uint8)
+    return text[text != 0].tobytes()
 
-  def _source(self, buffer_size: int) -> np.ndarray:
-    """The pool, then room for a batch's buffer (reused across batches)."""
-    if (self._scratch is None or len(self._scratch) < len(self._pool)
-        + buffer_size or self._scratch_pool != len(self._pool)):
-      self._scratch = np.empty(len(self._pool) + 2 * buffer_size, np.uint8)
-      self._scratch[:len(self._pool)] = np.frombuffer(self._pool, np.uint8)
-      self._scratch_pool = len(self._pool)
-    return self._scratch
-
-  def _codes(self, batch: LabelBatch) -> np.ndarray | None:
-    """Each entry's table number; builds missing tables (None: too many)."""
-    self._ensure_classes(int(batch.indices.max(initial=0)) + 1)
-    conf = batch.confidences
-    codes = np.minimum(np.searchsorted(self._values, conf),
-                       max(len(self._values) - 1, 0))
-    known = self._values[codes] == conf if len(self._values) else np.zeros(
-        len(conf), bool)
-    if known.all():
-      return self._order[codes]
-    new = np.unique(conf[~known])
-    if len(self._tables) + len(new) > self.max_tables:
+  def _blocks(self, conf: np.ndarray) -> np.ndarray | None:
+    """Each entry's table block; builds missing ones (None: too many)."""
+    pos = np.minimum(np.searchsorted(self._values, conf),
+                     max(len(self._values) - 1, 0))
+    if len(self._values) and (self._values[pos] == conf).all():
+      return self._block[pos]
+    if not len(conf):
+      return np.zeros(0, np.int64)
+    new = np.setdiff1d(conf, self._values)
+    if len(self._values) + len(new) > self.max_tables:
       return None
     for value in new.tolist():
-      self._add_table(value)
-    return self._codes(batch)
+      self._add_block(value)
+    return self._blocks(conf)
 
-  def _ensure_classes(self, needed: int) -> None:
-    if needed <= self._num_classes:
-      return
-    values = list(self._tables)
-    self._num_classes = 1 << max(10, (needed - 1).bit_length())
-    self._pool = bytearray(b"\n")
-    self._tables = {}
-    self._values = np.zeros(0, np.float32)
-    for value in values:
-      self._add_table(value)
-
-  def _add_table(self, value: float) -> None:
+  def _add_block(self, value: float) -> None:
     text = format_confidence(value)
-    tokens = [f"\t{i}:{text}".encode() for i in range(self._num_classes)]
-    offsets = np.zeros(self._num_classes + 1, np.int64)
-    np.cumsum([len(t) for t in tokens], out=offsets[1:])
-    self._tables[value] = offsets + len(self._pool)
-    self._pool += b"".join(tokens)
-    self._values = np.array(sorted(self._tables), np.float32)
-    ordered = list(self._tables)
-    self._order = np.array([ordered.index(v) for v in self._values.tolist()],
-                           np.int64)
-    self._token_offsets = np.concatenate(list(self._tables.values()))
+    tokens = [f"\t{i}:{text}".encode() for i in range(self.num_classes)]
+    width = max(self._rows.shape[1], max(map(len, tokens)))
+    rows = np.zeros((len(self._rows) + len(tokens), width), np.uint8)
+    rows[:len(self._rows), :self._rows.shape[1]] = self._rows
+    rows[len(self._rows):] = np.frombuffer(
+        b"".join(t.ljust(width, b"\0") for t in tokens),
+        np.uint8).reshape(-1, width)
+    self._rows = rows
+    order = np.argsort(np.append(self._values, np.float32(value)),
+                       kind="stable")
+    self._values = np.append(self._values, np.float32(value))[order]
+    self._block = np.append(self._block, len(self._block))[order]
 
 
 # ---- streaming files --------------------------------------------------------
@@ -412,6 +421,32 @@ def _compressed(raw: BinaryIO, path: PathLike):
   if str(path).endswith(".gz"):
     return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)
   return contextlib.nullcontext(raw)
+
+
+def _whole_lines(path: PathLike, chunk_bytes: int
+                 ) -> Iterator[tuple[bytes, int]]:
+  """(chunk, bytes read): chunks of whole lines, each ending with a newline.
+
+  Chunks hold about `chunk_bytes` (more for longer lines); a missing final
+  newline is added. Bytes read count the file on disk (compressed for
+  ``.gz``), for progress bars.
+  """
+  stream, raw = open_binary(path)
+  with stream, raw:
+    carry = b""
+    while True:
+      data = stream.read(chunk_bytes)
+      if not data:
+        if carry:
+          yield carry + b"\n", raw.tell()
+        return
+      data = carry + data
+      end = data.rfind(b"\n") + 1
+      if end == 0:  # A line longer than the chunk: keep reading.
+        carry = data
+        continue
+      carry = data[end:]
+      yield data[:end], raw.tell()
 
 
 class AnnotationReader:
@@ -447,25 +482,9 @@ class AnnotationReader:
     return next(self._rows)
 
   def batches(self) -> Iterator[LabelBatch]:
-    stream, raw = open_binary(self.path)
-    with stream, raw:
-      carry = b""
-      first_lineno = 1
-      while True:
-        data = stream.read(self.chunk_bytes)
-        self.bytes_read = raw.tell()
-        if not data:
-          if carry:
-            yield from self._parse(carry + b"\n", first_lineno)
-          return
-        data = carry + data
-        end = data.rfind(b"\n") + 1
-        if end == 0:  # A line longer than the chunk: keep reading.
-          carry = data
-          continue
-        carry = data[end:]
-        chunk = data[:end]
-        first_lineno += yield from self._parse(chunk, first_lineno)
+    first_lineno = 1
+    for chunk, self.bytes_read in _whole_lines(self.path, self.chunk_bytes):
+      first_lineno += yield from self._parse(chunk, first_lineno)
 
   def _parse(self, chunk: bytes, first_lineno: int
              ) -> Generator[LabelBatch, None, int]:
@@ -491,11 +510,14 @@ def read_annotation_file(path: PathLike, *, num_classes: int | None = None,
                           skip_invalid=skip_invalid)
 
 
-def _parse_chunk(chunk: bytes, first_lineno: int, num_classes: int | None,
-                 source: str, on_invalid: Callable[[LabelError], None] | None,
+def _parse_chunk(chunk: bytes, first_lineno: int | np.ndarray,
+                 num_classes: int | None, source: str,
+                 on_invalid: Callable[[LabelError], None] | None,
                  confidences: _ConfidenceTexts) -> tuple[LabelBatch, int]:
   """Tokenises whole lines (`chunk` ends with a newline) with NumPy.
 
+  `first_lineno` numbers the chunk's lines consecutively from it, or, as an
+  array, gives each line's number (lines gathered from across a file).
   Returns the batch and the number of lines the chunk held.
   """
   padded = np.frombuffer(chunk + bytes(_WINDOW), np.uint8)
@@ -518,6 +540,8 @@ def _parse_chunk(chunk: bytes, first_lineno: int, num_classes: int | None,
   labels = np.flatnonzero(~is_key)
   num_rows = len(key_pos)
   row_line = token_line[key_pos]
+  line_numbers = first_lineno + np.arange(len(line_ends)) if np.ndim(
+      first_lineno) == 0 else first_lineno
 
   idx, conf, bad = _parse_tokens(padded, starts[labels], ends[labels],
                                  num_classes, confidences)
@@ -529,7 +553,7 @@ def _parse_chunk(chunk: bytes, first_lineno: int, num_classes: int | None,
     line = int(row_line[r])
     begin = int(line_ends[line - 1]) + 1 if line else 0
     text = chunk[begin:int(line_ends[line])].decode("utf-8", "surrogateescape")
-    lineno = first_lineno + line
+    lineno = int(line_numbers[line])
     try:
       _, r_idx, r_conf = parse_line(text, num_classes=num_classes,
                                     source=source, lineno=lineno)
@@ -557,7 +581,7 @@ def _parse_chunk(chunk: bytes, first_lineno: int, num_classes: int | None,
   indptr, idx, conf = reduce_max(rows, idx, conf, len(keep_rows), width)
   return LabelBatch(buffer=buf, key_starts=starts[key_pos][keep_rows],
                     key_ends=ends[key_pos][keep_rows],
-                    linenos=first_lineno + row_line[keep_rows],
+                    linenos=line_numbers[row_line[keep_rows]],
                     indptr=indptr, indices=idx,
                     confidences=conf), len(line_ends)
 
@@ -662,44 +686,204 @@ def _any_row(mask: np.ndarray) -> np.ndarray:
 class AugmentSummary:
   """What `augment_file` did, for the CLI's closing line."""
 
-  rows: int = 0
+  lines: int = 0
+  rows: int = 0  # Lines with a key (not blank), invalid ones excepted.
   invalid: int = 0
-  labels_in: int = 0
-  labels_out: int = 0
+  memo_hits: int = 0  # Rows whose annotation text was augmented before.
+  workers: int = 1  # Processes that augmented (1: this one).
   invalid_examples: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, other: AugmentSummary) -> None:
+    self.lines += other.lines
+    self.rows += other.rows
+    self.invalid += other.invalid
+    self.memo_hits += other.memo_hits
+    room = _MAX_EXAMPLES - len(self.invalid_examples)
+    self.invalid_examples += other.invalid_examples[:room]
+
+
+class ChunkAugmenter:
+  """Augments chunks of whole lines, memoising each annotation text.
+
+  Real lists repeat annotation texts massively (each ImageNet row carries one
+  of ~10k leaf classes, and popular tag sets recur), so every line is split
+  into key and annotation text with one C call and looked up in a dict of
+  already augmented texts; only the misses go through the vectorised path
+  (`_parse_chunk`, `augment_batch`, `LabelFormatter`), keys stripped. The
+  dict is cleared when it exceeds `max_memo` texts, so memory stays bounded.
+  Invalid texts are never memoised: each occurrence is reported (or skipped
+  and counted) with its own line number.
+  """
+
+  def __init__(self, hierarchy: Hierarchy, *,
+               pairs: CooccurrencePairs | None = None, source: str,
+               skip_invalid: bool = False, max_memo: int = 1 << 16):
+    self.hierarchy = hierarchy
+    self.pairs = pairs
+    self.source = source
+    self.skip_invalid = skip_invalid
+    self.max_memo = max_memo
+    self._memo: dict[bytes, bytes] = {}
+    self._formatter = LabelFormatter(hierarchy.num_classes)
+    self._confidences = _ConfidenceTexts()
+
+  def __call__(self, chunk: bytes, first_lineno: int
+               ) -> tuple[bytes, AugmentSummary]:
+    """The augmented lines of a chunk (it ends with a newline)."""
+    summary = AugmentSummary()
+    lines = chunk.split(b"\n")
+    lines.pop()  # After the final newline.
+    keys, texts, line_index = _split_keys(lines)
+    if len(self._memo) > self.max_memo:
+      self._memo.clear()
+    closed = list(map(self._memo.get, texts))
+    misses = list(itertools.compress(itertools.count(), map(
+        operator.is_, closed, itertools.repeat(None))))
+    if misses:
+      rows = np.array(misses) if line_index is None else line_index[misses]
+      self._augment_misses(texts, closed, misses, first_lineno + rows,
+                           summary)
+    if summary.invalid:  # Their closed text stayed None: drop those lines.
+      keys = list(itertools.compress(keys, closed))  # Texts are never b"".
+      closed = [c for c in closed if c is not None]
+    summary.lines = len(lines)
+    summary.rows = len(keys)
+    summary.memo_hits = len(texts) - len(misses)
+    pieces = [b""] * (2 * len(keys))
+    pieces[0::2] = keys
+    pieces[1::2] = closed
+    return b"".join(pieces), summary
+
+  def _augment_misses(self, texts: list[bytes], closed: list[bytes | None],
+                      misses: list[int], linenos: np.ndarray,
+                      summary: AugmentSummary) -> None:
+    """Fills `closed` (and the memo) for the lines `misses` with NumPy."""
+    def invalid(error: LabelError) -> None:
+      summary.invalid += 1
+      if len(summary.invalid_examples) < _MAX_EXAMPLES:
+        summary.invalid_examples.append(str(error))
+
+    # A one-byte stand-in key: only the annotation text is parsed.
+    chunk = b"k " + b"\nk ".join([texts[i] for i in misses]) + b"\n"
+    batch, _ = _parse_chunk(chunk, linenos, self.hierarchy.num_classes,
+                            self.source, invalid if self.skip_invalid else None,
+                            self._confidences)
+    closed_texts = self._formatter.format(*augment_batch(
+        self.hierarchy, batch.indptr, batch.indices, batch.confidences,
+        pairs=self.pairs)).splitlines(keepends=True)
+    valid = (misses if len(batch) == len(misses) else
+             np.asarray(misses)[np.searchsorted(linenos, batch.linenos)]
+             .tolist())
+    memo = self._memo
+    for i, text in zip(valid, closed_texts):
+      closed[i] = memo[texts[i]] = text
+
+
+def _split_keys(lines: list[bytes]
+                ) -> tuple[list[bytes], list[bytes], np.ndarray | None]:
+  """(keys, annotation texts, line of each) of the lines that have a key.
+
+  The usual TAB-separated lines split with one `bytes.partition` each (line
+  index: None, i.e. all lines); others (spaces, blank or key-only lines)
+  with `bytes.split`, which knows the same whitespace as the tokeniser.
+  """
+  parts = list(map(bytes.partition, lines, itertools.repeat(b"\t")))
+  keys = list(map(_FIRST, parts))
+  joined = b"".join(keys)
+  if all(map(_SECOND, parts)) and all(keys) and not any(
+      c in joined for c in _OTHER_SPACE):
+    return keys, list(map(_THIRD, parts)), None
+  keys, texts, line_index = [], [], []
+  for n, line in enumerate(lines):
+    fields = line.split(None, 1)
+    if fields:
+      keys.append(fields[0])
+      texts.append(fields[1] if len(fields) == 2 else b"")
+      line_index.append(n)
+  return keys, texts, np.array(line_index, np.int64)
 
 
 def augment_file(hierarchy: Hierarchy, input_path: PathLike,
                  output_path: PathLike, *,
                  pairs: CooccurrencePairs | None = None,
-                 skip_invalid: bool = False, chunk_bytes: int = 1 << 17,
+                 skip_invalid: bool = False, chunk_bytes: int = 1 << 18,
+                 workers: int = 1, max_memo: int = 1 << 16,
                  progress: Callable[[int], None] | None = None
                  ) -> AugmentSummary:
   """Writes the augmented annotations of every line, same keys, same order.
 
-  The output appears only when the whole input was processed (atomic), so a
-  killed run leaves nothing half-written and is simply run again. A `.gz`
-  output path is compressed.
+  Lines go through `ChunkAugmenter` (memo of at most `max_memo` annotation
+  texts). With `workers` > 1, chunks are augmented by that many processes
+  (at most one per `_MIN_CHUNKS_PER_WORKER` chunks of the file: starting a
+  process costs about as much as augmenting those), each with its own memo,
+  and written in input order; at most two chunks per worker are in flight,
+  so memory stays bounded. The output appears only when the whole input was
+  processed (atomic), so a killed run leaves nothing half-written and is
+  simply run again. A `.gz` output path is compressed.
   """
-  reader = AnnotationReader(input_path, num_classes=hierarchy.num_classes,
-                            skip_invalid=skip_invalid, chunk_bytes=chunk_bytes)
-  summary = AugmentSummary()
-  formatter = BatchFormatter()
+  options = dict(pairs=pairs, source=str(input_path),
+                 skip_invalid=skip_invalid, max_memo=max_memo)
+  workers = min(workers, os.path.getsize(input_path) // (
+      _MIN_CHUNKS_PER_WORKER * chunk_bytes))
+  chunks = _whole_lines(input_path, chunk_bytes)
+  summary = AugmentSummary(workers=max(workers, 1))
   with atomic_writer(output_path, "wb") as raw, _compressed(
       raw, output_path) as out:
-    for batch in reader.batches():
-      closed = batch.with_labels(*augment_batch(
-          hierarchy, batch.indptr, batch.indices, batch.confidences,
-          pairs=pairs))
-      out.write(formatter.format(closed))
-      summary.rows += len(batch)
-      summary.labels_in += len(batch.indices)
-      summary.labels_out += len(closed.indices)
+    results = (_augment_in_workers(hierarchy, options, chunks, workers)
+               if workers > 1 else
+               _augment_here(ChunkAugmenter(hierarchy, **options), chunks))
+    for text, part, position in results:
+      out.write(text)
+      summary.add(part)
       if progress is not None:
-        progress(reader.bytes_read)
-  summary.invalid = reader.num_invalid
-  summary.invalid_examples = reader.invalid_examples
+        progress(position)
   return summary
+
+
+def _augment_here(augmenter: ChunkAugmenter,
+                  chunks: Iterator[tuple[bytes, int]]
+                  ) -> Iterator[tuple[bytes, AugmentSummary, int]]:
+  """(text, summary, bytes read) of each chunk, in this process."""
+  lineno = 1
+  for chunk, position in chunks:
+    text, summary = augmenter(chunk, lineno)
+    lineno += summary.lines
+    yield text, summary, position
+
+
+def _augment_in_workers(hierarchy: Hierarchy, options: dict,
+                        chunks: Iterator[tuple[bytes, int]], workers: int
+                        ) -> Iterator[tuple[bytes, AugmentSummary, int]]:
+  """`_augment_here` on a pool of processes, results in input order.
+
+  A worker that dies (killed, out of memory) fails the run with
+  `BrokenProcessPool` instead of hanging it.
+  """
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, multiprocessing.get_context("spawn"),  # Safe with threads.
+      initializer=_start_worker, initargs=(hierarchy, options)) as pool:
+    pending = collections.deque()
+    lineno = 1
+    for chunk, position in chunks:
+      pending.append((pool.submit(_work, chunk, lineno), position))
+      lineno += chunk.count(b"\n")
+      if len(pending) >= 2 * workers:
+        result, done_at = pending.popleft()
+        yield (*result.result(), done_at)
+    for result, done_at in pending:
+      yield (*result.result(), done_at)
+
+
+_worker_augmenter: ChunkAugmenter | None = None
+
+
+def _start_worker(hierarchy: Hierarchy, options: dict) -> None:
+  global _worker_augmenter
+  _worker_augmenter = ChunkAugmenter(hierarchy, **options)
+
+
+def _work(chunk: bytes, first_lineno: int) -> tuple[bytes, AugmentSummary]:
+  return _worker_augmenter(chunk, first_lineno)
 
 
 def load_cooccurrence_pairs(path: PathLike, num_classes: int

@@ -232,12 +232,13 @@ def test_augment_file_keeps_keys_and_order(tree: Hierarchy, tmp_path):
   assert summary.rows == 500 and summary.invalid == 0
   got = out.read_text().splitlines()
   assert len(got) == 500
-  total = 0
   for line, (key, idx, conf) in zip(got, rows):
-    expected = labels.augment(tree, idx, conf)
-    assert line == labels.format_line(key, *expected)
-    total += len(expected[0])
-  assert summary.labels_out == total
+    assert line == labels.format_line(key, *labels.augment(tree, idx, conf))
+  # Texts repeat (500 rows over few classes): most rows come from the memo.
+  distinct = len({line.split(" ", 1)[-1] for line in path.read_text()
+                  .splitlines()})
+  assert summary.memo_hits >= 500 - distinct - 2 * (path.stat().st_size //
+                                                    256 + 1)
   # Gzip output reads back the same.
   labels.augment_file(tree, path, tmp_path / "out.txt.gz")
   assert gzip.decompress((tmp_path / "out.txt.gz").read_bytes()) == \
@@ -258,6 +259,89 @@ def test_augment_file_edge_cases(tree: Hierarchy, tmp_path):
   labels.augment_file(tree, path, tmp_path / "out.txt")
   assert (tmp_path / "out.txt").read_text().splitlines() == [
       labels.format_line(k, *labels.augment(tree, i, c)) for k, i, c in rows]
+
+
+# Lines the memo must treat exactly as the line-by-line path does: the same
+# text after TAB or spaces, repeats, -1, repeated indices, CR, leading
+# blanks, key-only and blank lines, and invalid texts that recur.
+MEMO_LINES = [
+    "{k}\t3:1", "{k} 3:1", "{k}\t3:1\r", "  {k}\t1:0.8 3:0.9",
+    "{k}\t1:0.8\t1:0.9\t6:-1", "", "{k}", "{k}\t", "\t{k}\t2:1",
+    "{k}\t9:1", "{k}\t2:-1\t0:1", "{k}\t3:x", "{k}\t6:.5\t4:1.0",
+    "{k}\t1:0.85\t2:0.9", "{k}\t2:0.9\t1:0.85", "{k}\v4:1", "{k}\t4:-1",
+]
+
+
+def reference_augment(tree: Hierarchy, lines: list[str], source: str):
+  """(output lines, LabelErrors) from parse_line, augment and format_line."""
+  out, errors = [], []
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      key, idx, conf = labels.parse_line(line, num_classes=7, source=source,
+                                         lineno=lineno)
+    except LabelError as e:
+      errors.append(e)
+      continue
+    out.append(labels.format_line(key, *labels.augment(tree, idx, conf)))
+  return out, errors
+
+
+@pytest.mark.parametrize("chunk_bytes, max_memo, workers", [
+    (1 << 20, 1 << 16, 1), (64, 3, 1), (40, 1 << 16, 2)])
+def test_augment_file_memo_matches_line_by_line(tree: Hierarchy, tmp_path,
+                                                chunk_bytes, max_memo,
+                                                workers):
+  rng = np.random.default_rng(7)
+  templates = rng.choice(MEMO_LINES, 600)
+  lines = [t.format(k=f"img_{n}.jpg") for n, t in enumerate(templates)]
+  path = tmp_path / "in.txt"
+  path.write_bytes("".join(line + ("\r\n" if n % 5 == 0 else "\n")
+                           for n, line in enumerate(lines)).encode())
+  expected, errors = reference_augment(tree, lines, str(path))
+  out = tmp_path / "out.txt"
+  summary = labels.augment_file(tree, path, out, skip_invalid=True,
+                                chunk_bytes=chunk_bytes, max_memo=max_memo,
+                                workers=workers)
+  assert out.read_text().splitlines() == expected
+  assert (summary.rows, summary.invalid) == (len(expected), len(errors))
+  assert summary.invalid_examples == [str(e) for e in errors[:20]]
+  # Texts repeat across chunks (within one chunk, misses are not shared).
+  assert (summary.memo_hits > 0) == (chunk_bytes < path.stat().st_size)
+  assert summary.memo_hits < summary.rows
+  with pytest.raises(LabelError) as info:
+    labels.augment_file(tree, path, tmp_path / "o2.txt",
+                        chunk_bytes=chunk_bytes, workers=workers)
+  assert str(info.value) == str(errors[0])
+  assert not (tmp_path / "o2.txt").exists()
+
+
+def test_augment_one_row_matches_batch_path(tmp_path):
+  tree = random_forest_tree(5, 300)
+  rng = np.random.default_rng(6)
+  pairs_path = tmp_path / "pairs.tsv"
+  pairs_path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
+      f"{s}\t{t}\t{c}\n" for s, t, c in zip(
+          rng.integers(0, 300, 200), rng.integers(0, 300, 200),
+          rng.choice([0.5, 0.7, 0.9], 200))))
+  pairs = labels.load_cooccurrence_pairs(pairs_path, 300)
+  rows = random_rows(rng, 1000, 300)
+  indptr = np.concatenate([[0], np.cumsum([len(i) for _, i, _ in rows])])
+  idx = np.concatenate([i for _, i, _ in rows]).astype(np.int32)
+  conf = np.concatenate([c for _, _, c in rows]).astype(np.float32)
+  for with_pairs in (None, pairs):
+    b_ptr, b_idx, b_conf = labels.augment_batch(tree, indptr, idx, conf,
+                                                pairs=with_pairs)
+    for r, (_, i, c) in enumerate(rows):
+      one_idx, one_conf = labels.augment(tree, i, c, with_pairs)
+      assert one_idx.dtype == np.int32 and one_conf.dtype == np.float32
+      np.testing.assert_array_equal(one_idx, b_idx[b_ptr[r]:b_ptr[r + 1]])
+      np.testing.assert_array_equal(one_conf, b_conf[b_ptr[r]:b_ptr[r + 1]])
+  with pytest.raises(ValueError, match="class indices must be in 0..299"):
+    labels.augment(tree, [300], [1.0])
+  with pytest.raises(ValueError, match="2 indices but 1 confidences"):
+    labels.augment(tree, [1, 2], [1.0])
 
 
 def test_augment_file_bad_input_leaves_no_output(tree: Hierarchy, tmp_path):

@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                        help="cooccurrence_pairs.tsv from `labels "
                        "cooccurrence`")
   _add_skip_invalid(augment)
+  augment.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes augmenting chunks of the file; output "
+                       "order is kept (default: all CPUs, %(default)s here; "
+                       "fewer for small files)")
   augment.set_defaults(func=_augment)
 
   remap = commands.add_parser(
@@ -133,17 +137,18 @@ def _augment(args: argparse.Namespace) -> int:
       summary = labels_lib.augment_file(tree, args.input, args.output,
                                         pairs=pairs,
                                         skip_invalid=args.skip_invalid,
+                                        workers=args.workers,
                                         progress=progress)
   except _BAD_INPUT as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   seconds = time.perf_counter() - start
   _report_invalid(summary.invalid, summary.invalid_examples)
-  per_row = summary.labels_out / max(summary.rows, 1)
+  hits = summary.memo_hits / max(summary.rows, 1)
   print(f"augmented {summary.rows} rows in {seconds:.1f} s "
-        f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s): labels "
-        f"{summary.labels_in} -> {summary.labels_out} ({per_row:.2f} per "
-        f"row), {summary.invalid} invalid line(s) skipped -> {args.output}")
+        f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s, {hits:.0%} from "
+        f"the memo, {summary.workers} process(es)), {summary.invalid} "
+        f"invalid line(s) skipped -> {args.output}")
   return 0
 
 
