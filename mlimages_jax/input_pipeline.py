@@ -22,6 +22,12 @@ Design (why the iterator state is four integers and still exact):
 * Per-example randomness (crop, flip, rotation, colour) is seeded by
   (seed, process, epoch, position), so a restored iterator also reproduces the
   augmentation.
+* Colour distortion runs on the accelerator by default
+  (`colour_on_device`): training batches then carry `colour`, each example's
+  drawn parameters, and the training step applies them with
+  `preprocessing.device_augment`. With `colour_on_device=False` the host
+  applies them and the batch has no `colour` key (nor with `colour_fraction`
+  0, nor in evaluation): its presence is the signal to augment on the device.
 * Each example carries its (epoch, position) through the pipeline; the
   iterator reads them off every batch it yields, so the state is the position
   of what the trainer received, whatever tf.data has prefetched, and images
@@ -364,7 +370,10 @@ def create_input_iterator(
   `mode` "pretrain"/"finetune" gives the endless shuffled, augmented training
   stream (remainder dropped); "eval" one ordered pass with padding and `mask`.
   Images are uint8 (normalise on the device with `preprocessing.normalize`)
-  unless `transfer_dtype="float32"`, which ships values in [-1, 1].
+  unless `transfer_dtype="float32"`, which ships values in [-1, 1]. Training
+  batches with colour on the device also carry `colour` float32
+  [devices, per_device, preprocessing.COLOUR_PARAMS]: then the step calls
+  `preprocessing.device_augment(image, colour)` instead of `normalize`.
   """
   if transfer_dtype not in ("uint8", "float32"):
     raise ValueError(f"transfer_dtype must be 'uint8' or 'float32', not "
@@ -403,13 +412,19 @@ def create_input_iterator(
   num_classes = info.num_classes
   single_label = (_single_label_target(builder)[2] if label_mode == "single"
                   else None)
+  colour_on_device = (training and config.colour_on_device and
+                      config.colour_fraction > 0)
 
   def parse(epoch, position, record):
     example = features.deserialize_example(record, decoders=decoders)
+    extra = {}
     if training:
       aug_key = _fold(_fold(_fold(key, epoch), _AUGMENT), position)
       image = preprocessing.train_image(example["image"], aug_key,
                                         image_size=image_size, config=config)
+      if colour_on_device:
+        extra["colour"] = preprocessing.colour_parameters(aug_key,
+                                                          config=config)
     else:
       image = preprocessing.eval_image(example["image"], image_size=image_size,
                                        config=config)
@@ -423,7 +438,7 @@ def create_input_iterator(
     if transfer_dtype == "float32":
       image = preprocessing.normalize_tf(image)
     return {"image": image, "labels": labels, "mask": tf.constant(1.0),
-            "_epoch": epoch, "_position": position}
+            **extra, "_epoch": epoch, "_position": position}
 
   def to_devices(batch):
     return {k: (v if k.startswith("_") else

@@ -143,9 +143,18 @@ def test_train_batch_shapes_dtypes_and_dense_labels(data_dir):
   iterator = make(data_dir)
   assert iterator.num_classes == NUM_CLASSES
   assert iterator.num_examples == SPLITS["train"]
+  orders = []
   for batch in take(iterator, 7):  # 56 > 45: crosses an epoch boundary.
-    assert set(batch) == {"image", "labels", "mask"}
+    assert set(batch) == {"image", "labels", "mask", "colour"}
     assert batch["image"].shape == (2, 4, 16, 16, 3)
+    # Colour runs on the device: per-example parameters, neutral if not drawn.
+    assert batch["colour"].shape == (2, 4, preprocessing.COLOUR_PARAMS)
+    assert batch["colour"].dtype == np.float32
+    colour = batch["colour"].reshape(8, -1)
+    orders.extend(colour[:, 0])
+    np.testing.assert_array_equal(colour[colour[:, 0] == 0],
+                                  np.tile(preprocessing.NEUTRAL_COLOUR, (
+                                      (colour[:, 0] == 0).sum(), 1)))
     assert batch["image"].dtype == np.uint8
     assert batch["labels"].shape == (2, 4, NUM_CLASSES)
     assert batch["labels"].dtype == np.float32
@@ -153,6 +162,25 @@ def test_train_batch_shapes_dtypes_and_dense_labels(data_dir):
     expected = np.stack([dense_reference(i) for i in ids(batch)])
     np.testing.assert_array_equal(batch["labels"].reshape(8, -1), expected)
   assert iterator.decode_failures == 0
+  assert set(orders) == {0.0, 1.0, 2.0}
+
+
+def test_colour_on_host_option_matches_colour_on_device(data_dir):
+  on_device = take(make(data_dir, seed=2), 3)
+  on_host = take(make(data_dir, seed=2,
+                      preprocess={"colour_on_device": False}), 3)
+  no_colour = take(make(data_dir, seed=2,
+                        preprocess={"colour_fraction": 0.0}), 1)
+  assert "colour" not in on_host[0] and "colour" not in no_colour[0]
+  for device, host in zip(on_device, on_host):
+    np.testing.assert_array_equal(device["labels"], host["labels"])
+    augmented = preprocessing.device_augment(device["image"],
+                                             device["colour"])
+    diff = np.abs(augmented - preprocessing.normalize(host["image"])) * 127.5
+    assert diff.max() <= 3.0 and diff.mean() < 0.6
+    # Undistorted examples ship the same pixels either way.
+    plain = device["colour"][..., 0] == 0
+    np.testing.assert_array_equal(device["image"][plain], host["image"][plain])
 
 
 def test_float32_transfer_is_the_normalized_uint8_stream(data_dir):
@@ -162,6 +190,7 @@ def test_float32_transfer_is_the_normalized_uint8_stream(data_dir):
     assert big["image"].dtype == np.float32
     np.testing.assert_array_equal(
         big["image"], np.asarray(preprocessing.normalize(small["image"])))
+    np.testing.assert_array_equal(big["colour"], small["colour"])
     assert -1.0 <= big["image"].min() and big["image"].max() <= 1.0
 
 
@@ -211,6 +240,7 @@ def test_eval_reads_every_example_once_with_padding(data_dir, process_count):
     batch_counts.append(len(batches))
     assert len(batches) == iterator.num_batches
     for batch in batches:
+      assert set(batch) == {"image", "labels", "mask"}
       assert batch["image"].shape == (2, 1, 16, 16, 3)
       padding = batch["mask"] == 0
       assert np.all(batch["image"][padding] == 0)

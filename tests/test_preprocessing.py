@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -64,6 +67,10 @@ def test_for_mode_defaults_and_overrides():
   assert pretrain.area_range == (0.7, 1.0)
   assert pretrain.max_attempts == 100
   assert pretrain.brightness_delta == pytest.approx(32 / 255)
+  # The original code's thread_id in {0, 1, 2}: rotate on 0, colour on 0, 1.
+  assert pretrain.rotation_fraction == pytest.approx(1 / 3)
+  assert pretrain.colour_fraction == pytest.approx(2 / 3)
+  assert pretrain.colour_on_device
   assert finetune.area_range == (0.05, 1.0)
   assert finetune.rotation_fraction == 0.25
   assert finetune.saturation_range == (0.6, 1.4)
@@ -186,15 +193,13 @@ def test_colour_distortion_on_the_configured_fraction_within_range():
   rng = np.random.default_rng(1)
   image = rng.integers(40, 216, (48, 48, 3)).astype(np.uint8)
   image_bytes = _encode(image)
-  plain = preprocessing.PreprocessConfig.for_mode(
-      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
-                   "min_object_covered": 1.0})
+  whole = {**NO_AUGMENT, "area_range": (1.0, 1.0), "min_object_covered": 1.0,
+           "colour_on_device": False}
+  plain = preprocessing.PreprocessConfig.for_mode("pretrain", whole)
   colour = preprocessing.PreprocessConfig.for_mode(
-      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
-                   "min_object_covered": 1.0, "colour_fraction": 1.0})
+      "pretrain", {**whole, "colour_fraction": 1.0})
   half = preprocessing.PreprocessConfig.for_mode(
-      "pretrain", {**NO_AUGMENT, "area_range": (1.0, 1.0),
-                   "min_object_covered": 1.0, "colour_fraction": 0.5})
+      "pretrain", {**whole, "colour_fraction": 0.5})
   base = preprocessing.train_image(image_bytes, _seed(0), image_size=48,
                                    config=plain).numpy()
   np.testing.assert_array_equal(base, image)
@@ -209,6 +214,113 @@ def test_colour_distortion_on_the_configured_fraction_within_range():
                                          config=half).numpy()
     changed += int(not np.array_equal(out_half, image))
   assert 6 <= changed <= 24
+
+
+def test_default_joint_distribution_is_the_original_thread_id():
+  # Bilinear rotation moves the pixels of a textured image by any angle: an
+  # image was rotated iff it differs from the same draw without rotation.
+  bilinear = {"rotation_interpolation": "bilinear"}
+  config = preprocessing.PreprocessConfig.for_mode("pretrain", bilinear)
+  unrotated = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {**bilinear, "rotation_fraction": 0.0})
+  image_bytes = _encode(np.random.default_rng(5).integers(
+      0, 256, (48, 48, 3)).astype(np.uint8))
+  orders, rotated = [], []
+  for i in range(90):
+    out, plain = (preprocessing.train_image(image_bytes, _seed(i),
+                                            image_size=32, config=c).numpy()
+                  for c in (config, unrotated))
+    rotated.append(not np.array_equal(out, plain))
+    colour = preprocessing.colour_parameters(_seed(i), config=config).numpy()
+    orders.append(int(colour[0]))
+    if orders[-1] == 0:
+      np.testing.assert_array_equal(colour, preprocessing.NEUTRAL_COLOUR)
+    else:
+      brightness, saturation, hue, contrast = colour[1:]
+      assert abs(brightness) <= 32 / 255 and abs(hue) <= 0.2
+      assert 0.5 <= saturation <= 1.5 and 0.5 <= contrast <= 1.5
+  orders, rotated = np.array(orders), np.array(rotated)
+  # thread_id 0: rotation and the first order; 1: second order; 2: nothing.
+  np.testing.assert_array_equal(rotated, orders == 1)
+  for order in range(3):
+    assert 18 <= (orders == order).sum() <= 42, np.bincount(orders)
+
+
+def _host_colour_reference(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
+  """The host path: `_colour` on [0, 255] pixels, clip, scale to [-1, 1]."""
+  order, brightness, saturation, hue, contrast = colour
+  if order == 0:
+    return image / 127.5 - 1.0
+  out = preprocessing._colour(tf.constant(image, tf.float32), order == 1,
+                              brightness * 255.0, saturation, hue, contrast)
+  return np.clip(out.numpy(), 0, 255) / 127.5 - 1.0
+
+
+def test_device_augment_equals_host_colour_per_example():
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (6, 20, 20, 3)).astype(np.uint8)
+  images[0, :4, :4] = 0  # Dark and saturated corners of the HSV maths.
+  images[1, :4, :4] = [255, 0, 0]
+  colour = np.array([[1, 0.1, 1.4, -0.15, 0.7], [2, -0.12, 0.6, 0.19, 1.45],
+                     [1, -0.05, 0.5, 0.02, 1.5], [2, 0.12, 1.5, -0.2, 0.5],
+                     preprocessing.NEUTRAL_COLOUR, [0, 0.1, 1.3, 0.1, 0.8]],
+                    np.float32)  # Order 0 alone means "not distorted".
+  out = jax.jit(preprocessing.device_augment)(images, colour)
+  assert out.shape == images.shape and out.dtype == jnp.float32
+  for image, params, actual in zip(images, colour, np.asarray(out)):
+    expected = _host_colour_reference(image.astype(np.float64), params)
+    np.testing.assert_allclose(actual, expected, atol=2e-5)
+  # Not distorted: `normalize` itself (to an ulp under jit, which may fuse
+  # the multiply-add).
+  np.testing.assert_array_equal(
+      preprocessing.device_augment(images[4:], colour[4:]),
+      preprocessing.normalize(images[4:]))
+  np.testing.assert_allclose(out[4:], preprocessing.normalize(images[4:]),
+                             rtol=0, atol=2e-7)
+  # float32 transfer: the same from images already in [-1, 1].
+  from_float = preprocessing.device_augment(
+      preprocessing.normalize(images), colour)
+  np.testing.assert_allclose(from_float, out, atol=2e-5)
+
+
+def test_device_augment_under_pmap_matches_jit():
+  devices = jax.local_devices()[:4]
+  rng = np.random.default_rng(4)
+  images = rng.integers(0, 256, (len(devices), 3, 16, 16, 3)).astype(np.uint8)
+  config = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {"colour_fraction": 1.0})
+  colour = np.stack([preprocessing.colour_parameters(_seed(i), config=config)
+                     for i in range(images.shape[0] * 3)]).reshape(
+                         images.shape[0], 3, -1)
+  assert set(colour[..., 0].ravel()) == {1.0, 2.0}
+  step = jax.pmap(functools.partial(preprocessing.device_augment,
+                                    dtype=jnp.bfloat16), devices=devices)
+  out = step(images, colour)
+  assert out.dtype == jnp.bfloat16 and out.shape == images.shape
+  reference = preprocessing.device_augment(images, colour)
+  np.testing.assert_allclose(np.asarray(out, np.float32), reference,
+                             atol=8e-3)
+
+
+def test_colour_on_device_matches_colour_on_host(shared_dir):
+  image_bytes = tf.io.read_file(str(shared_dir / "images" / PHOTOS[2]))
+  on_host = preprocessing.PreprocessConfig.for_mode(
+      "pretrain", {"colour_on_device": False})
+  on_device = preprocessing.PreprocessConfig.for_mode("pretrain")
+  orders = set()
+  for i in range(8):
+    host = preprocessing.train_image(image_bytes, _seed(i), image_size=64,
+                                     config=on_host).numpy()
+    shipped = preprocessing.train_image(image_bytes, _seed(i), image_size=64,
+                                        config=on_device).numpy()
+    colour = preprocessing.colour_parameters(_seed(i), config=on_device)
+    orders.add(int(colour[0]))
+    device = np.asarray(preprocessing.device_augment(shipped, colour))
+    # The device starts from pixels rounded to uint8 (the host from floats)
+    # and does not round at the end: a grey level or two, rarely more.
+    diff = np.abs(device - preprocessing.normalize(host)) * 127.5
+    assert diff.max() <= 3.0 and diff.mean() < 0.6, (i, diff.max())
+  assert orders == {0, 1, 2}
 
 
 @pytest.mark.parametrize("photo", PHOTOS)
@@ -285,3 +397,13 @@ def test_fused_colour_distortion_matches_tf_image_ops(first_order):
   fused = preprocessing._colour(tf.constant(image), first_order,
                                 **params)
   np.testing.assert_allclose(fused.numpy(), x.numpy() * 255.0, atol=0.05)
+  # The accelerator's version: the same maths in jnp, plus the final clip.
+  pixels = np.round(image).astype(np.uint8)
+  x = tf.constant(pixels / 255.0, tf.float32)
+  for i in order:
+    x = steps[i](x)
+  colour = [1 if first_order else 2, params["brightness"] / 255.0,
+            params["saturation"], params["hue"], params["contrast"]]
+  device = preprocessing.device_augment(pixels[None], np.float32([colour]))
+  np.testing.assert_allclose(
+      device[0], np.clip(x.numpy(), 0, 1) * 2 - 1, atol=2e-4)
