@@ -1,0 +1,61 @@
+r"""Trains a model from a config: ``python main.py --config=... --workdir=...``.
+
+All logic lives in `mlimages_jax.train`; this file only parses flags, joins
+the multi-process run and turns user errors into a message and exit code 1.
+Multi-host: run the same command on every host, adding
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` unless the
+cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) is detected automatically.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/pretrain.py:demo.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs; "
+                    "a run resumes from it.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every save step at INFO; keep only its warnings and errors."""
+  return (record.levelno >= std_logging.WARNING
+          or "/orbax/" not in record.pathname)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  # Imported here so that --help and flag errors return at once.
+  from mlimages_jax import checkpoints
+  from mlimages_jax import input_pipeline
+  from mlimages_jax import train
+
+  train.initialize_distributed(FLAGS.coordinator_address,
+                               FLAGS.num_processes, FLAGS.process_id)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, checkpoints.CheckpointError,
+          input_pipeline.DatasetNotBuiltError, FloatingPointError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

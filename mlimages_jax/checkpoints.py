@@ -1,0 +1,335 @@
+"""Orbax checkpoints: training runs that resume exactly, and inference weights.
+
+A training checkpoint is one Orbax step directory under ``<workdir>/checkpoints``
+with three items:
+
+- ``state``: the whole (unreplicated) train state: parameters, batch statistics,
+  optimizer state, the adaptive loss counters, the RNG and the step;
+- ``metadata``: the JSON that every other tool needs to use the weights without
+  the training config (model, classes, image size, label mode, step);
+- ``input_iterator``: one file per process with that process's input iterator
+  state, so a resumed run reads exactly the batches an uninterrupted run would.
+
+An inference checkpoint (``save_inference_checkpoint``, used by the TF
+checkpoint converter) is a directory with ``mlimages_metadata.json`` and an
+Orbax pytree ``variables`` holding only ``params`` and ``batch_stats``.
+``load_for_inference`` reads both kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+FORMAT = "mlimages-jax"
+CHECKPOINT_DIR = "checkpoints"
+INFERENCE_METADATA_FILE = "mlimages_metadata.json"
+_STATE = "state"
+_METADATA = "metadata"
+_INPUT = "input_iterator"
+_VARIABLES = "variables"
+_LABEL_MODES = ("multi", "single")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, malformed or does not fit the current run."""
+
+
+def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
+                  image_size: int, label_mode: str, class_ids: Sequence[str],
+                  class_names: Sequence[str], step: int = 0) -> dict[str, Any]:
+  """The metadata every checkpoint carries (the TEAM.md contract)."""
+  metadata = {
+      "format": FORMAT,
+      "model": {"depth": int(depth), "num_classes": int(num_classes),
+                "width_multiplier": float(width_multiplier)},
+      "image_size": int(image_size),
+      "label_mode": label_mode,
+      "classes": {"ids": [str(i) for i in class_ids],
+                  "names": [str(n) for n in class_names]},
+      "step": int(step),
+  }
+  validate_metadata(metadata)
+  return metadata
+
+
+def validate_metadata(metadata: Mapping[str, Any], source: str = "metadata"):
+  """Raises CheckpointError unless `metadata` follows the contract."""
+  def fail(message: str):
+    raise CheckpointError(f"{source}: {message}")
+
+  if not isinstance(metadata, Mapping) or metadata.get("format") != FORMAT:
+    fail(f"not an {FORMAT} checkpoint (format field is "
+         f"{metadata.get('format') if isinstance(metadata, Mapping) else None!r})")
+  model = metadata.get("model")
+  if not isinstance(model, Mapping) or not {
+      "depth", "num_classes", "width_multiplier"} <= set(model):
+    fail("'model' must have depth, num_classes and width_multiplier")
+  if metadata.get("label_mode") not in _LABEL_MODES:
+    fail(f"label_mode must be one of {_LABEL_MODES}, "
+         f"got {metadata.get('label_mode')!r}")
+  for key in ("image_size", "step"):
+    if not isinstance(metadata.get(key), int):
+      fail(f"{key!r} must be an integer")
+  classes = metadata.get("classes")
+  if not isinstance(classes, Mapping) or not {"ids", "names"} <= set(classes):
+    fail("'classes' must have 'ids' and 'names'")
+  if not (len(classes["ids"]) == len(classes["names"]) == model["num_classes"]):
+    fail(f"{len(classes['ids'])} class ids and {len(classes['names'])} names "
+         f"for {model['num_classes']} classes")
+
+
+def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],
+                     source: str):
+  """Refuses to resume a run whose checkpoint holds a different model/classes.
+
+  Image size may differ (the network is fully convolutional and the original
+  fine-tuning recipe switches from 224 to 299); everything that changes a
+  parameter's shape or meaning may not.
+  """
+  validate_metadata(saved, source)
+  problems = []
+  for key in ("depth", "num_classes", "width_multiplier"):
+    if saved["model"][key] != expected["model"][key]:
+      problems.append(f"model.{key}: checkpoint {saved['model'][key]}, "
+                      f"config {expected['model'][key]}")
+  if saved["label_mode"] != expected["label_mode"]:
+    problems.append(f"label_mode: checkpoint {saved['label_mode']!r}, "
+                    f"config {expected['label_mode']!r}")
+  if (saved["model"]["num_classes"] == expected["model"]["num_classes"]
+      and list(saved["classes"]["ids"]) != list(expected["classes"]["ids"])):
+    problems.append("class ids differ (same count, different classes/order)")
+  if problems:
+    raise CheckpointError(
+        f"{source} was written by an incompatible run: " + "; ".join(problems)
+        + ". Use a new --workdir, or delete that checkpoint directory to "
+        "start over.")
+
+
+# ---------------------------------------------------------------------------
+# Per-process input iterator state.
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+  """Writes each process's iterator state bytes to its own file.
+
+  Every process reads its own shard of the data, so each has its own position;
+  the file name records the process count so that a restart with a different
+  number of processes is detected instead of silently mis-reading.
+  """
+
+  def _file(self, directory: epath.Path) -> epath.Path:
+    return directory / (f"process_{jax.process_index()}"
+                        f"-of-{jax.process_count()}.bin")
+
+  def save(self, directory: epath.Path, args: IteratorStateSave):
+    directory.mkdir(parents=True, exist_ok=True)
+    self._file(directory).write_bytes(args.state)
+
+  def restore(self, directory: epath.Path,
+              args: IteratorStateRestore | None = None) -> bytes | None:
+    path = self._file(directory)
+    if not path.exists():
+      logging.warning(
+          "%s has no input state for process %d of %d (saved with another "
+          "process count?); the input pipeline restarts from its beginning.",
+          directory, jax.process_index(), jax.process_count())
+      return None
+    return path.read_bytes()
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+  state: bytes
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# ---------------------------------------------------------------------------
+# Training checkpoints.
+
+
+def _to_host(tree: Any) -> Any:
+  """Plain NumPy copies: every process saves the same replicated values."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for one training run (asynchronous, keep K)."""
+
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
+               async_save: bool = True):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _METADATA: ocp.JsonCheckpointHandler(),
+            _INPUT: IteratorStateHandler(),
+        })
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """Reads only the JSON metadata (cheap: used before any compilation)."""
+    path = self.directory / str(step) / _METADATA
+    metadata = self._manager.restore(
+        step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))
+    metadata = metadata[_METADATA]
+    validate_metadata(metadata, str(path))
+    return metadata
+
+  def save(self, step: int, state: Any, metadata: Mapping[str, Any],
+           iterator_state: bytes | None) -> None:
+    """Starts an (asynchronous) save; `state` may live on device."""
+    items = {
+        _STATE: ocp.args.StandardSave(_to_host(state)),
+        _METADATA: ocp.args.JsonSave(dict(metadata, step=int(step))),
+    }
+    if iterator_state is not None:
+      items[_INPUT] = IteratorStateSave(iterator_state)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, target: Any) -> tuple[Any, bytes | None]:
+    """Restores the state into `target`'s structure, plus this process's
+    input iterator state (None when the checkpoint has none)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(target))
+    items = {_STATE: ocp.args.StandardRestore(abstract)}
+    has_input = (self.directory / str(step) / _INPUT).exists()
+    if has_input:
+      items[_INPUT] = IteratorStateRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    state = jax.tree.map(np.asarray, restored[_STATE])
+    return state, (restored[_INPUT] if has_input else None)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Inference.
+
+
+def _numpy_restore_args(metadata_tree: Any) -> Any:
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                      metadata_tree)
+
+
+def _restore_subtrees(path: epath.Path, keys: Sequence[str]) -> dict[str, Any]:
+  """Restores the top-level `keys` of a pytree checkpoint as NumPy arrays."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree_metadata = checkpointer.metadata(path).item_metadata.tree
+  missing = [k for k in keys if k not in tree_metadata]
+  if missing:
+    raise CheckpointError(f"{path}: no {missing} in the checkpoint")
+  partial = {k: tree_metadata[k] for k in keys}
+  restored = checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(
+          item=partial, restore_args=_numpy_restore_args(partial),
+          partial_restore=True))
+  return {k: restored[k] for k in keys}
+
+
+def _resolve_training_step_dir(path: epath.Path) -> epath.Path:
+  """A workdir, its checkpoints dir, or a step dir -> the step dir to read."""
+  if (path / CHECKPOINT_DIR).is_dir():
+    path = path / CHECKPOINT_DIR
+  if (path / _STATE).is_dir():
+    return path
+  steps = [int(p.name) for p in path.iterdir()
+           if p.is_dir() and p.name.isdigit() and (p / _STATE).is_dir()]
+  if not steps:
+    raise CheckpointError(
+        f"{path}: no checkpoint here (expected a workdir, its "
+        f"'{CHECKPOINT_DIR}' directory, a step directory or an inference "
+        f"checkpoint with {INFERENCE_METADATA_FILE})")
+  return path / str(max(steps))
+
+
+def load_for_inference(path: str | os.PathLike
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads ``({"params", "batch_stats"}, metadata)`` as NumPy arrays.
+
+  `path` is a training workdir, its checkpoints directory, one step's
+  directory (the latest step is used when several exist), or an inference
+  checkpoint written by `save_inference_checkpoint`.
+  """
+  # Orbax needs absolute paths; remote ones (gs://...) already are.
+  path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+  if not path.exists():
+    raise CheckpointError(f"{path}: no such checkpoint")
+  if (path / INFERENCE_METADATA_FILE).is_file():
+    metadata_path = path / INFERENCE_METADATA_FILE
+    metadata = json.loads(metadata_path.read_text())
+    validate_metadata(metadata, str(metadata_path))
+    variables = _restore_subtrees(path / _VARIABLES, ("params", "batch_stats"))
+    return variables, metadata
+  step_dir = _resolve_training_step_dir(path)
+  metadata_path = step_dir / _METADATA / "metadata"
+  if not metadata_path.exists():
+    raise CheckpointError(f"{step_dir}: the checkpoint has no metadata")
+  metadata = json.loads(metadata_path.read_text())
+  validate_metadata(metadata, str(metadata_path))
+  variables = _restore_subtrees(step_dir / _STATE, ("params", "batch_stats"))
+  return variables, metadata
+
+
+def save_inference_checkpoint(path: str | os.PathLike,
+                              variables: Mapping[str, Any],
+                              metadata: Mapping[str, Any], *,
+                              overwrite: bool = False) -> pathlib.Path:
+  """Writes weights + metadata atomically (a temp dir renamed into place)."""
+  path = pathlib.Path(path).resolve()
+  validate_metadata(metadata, str(path / INFERENCE_METADATA_FILE))
+  if set(variables) != {"params", "batch_stats"}:
+    raise CheckpointError(
+        f"{path}: variables must be exactly 'params' and 'batch_stats', got "
+        f"{sorted(variables)}")
+  if path.exists() and not overwrite:
+    raise CheckpointError(f"{path} exists (pass overwrite=True to replace it)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(tmp / _VARIABLES,
+                      args=ocp.args.PyTreeSave(_to_host(dict(variables))))
+    (tmp / INFERENCE_METADATA_FILE).write_text(
+        json.dumps(dict(metadata), indent=1))
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
