@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 
 from mlimages_jax import labels
-from mlimages_jax.hierarchy import Hierarchy, PathLike, atomic_writer
+from mlimages_jax.fileio import PathLike, atomic_writer
+from mlimages_jax.hierarchy import Hierarchy
 from mlimages_jax.hierarchy import ragged_arange
 
 PAIRS_FILE_NAME = "cooccurrence_pairs.tsv"

@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from mlimages_jax import fileio
 from mlimages_jax import hierarchy as hierarchy_lib
 from mlimages_jax import inference
 from mlimages_jax import input_pipeline
@@ -147,7 +148,7 @@ def _evaluate_size(model: inference.LoadedModel, *, dataset: str,
     bar.update()
     if done % save_every == 0 and done < num_batches:
       arrays = {f"acc/{k}": v for k, v in accumulator.state().items()}
-      with hierarchy_lib.atomic_writer(state_file, "wb") as f:
+      with fileio.atomic_writer(state_file, "wb") as f:
         np.savez(f, fingerprint=np.array(fingerprint), batches=np.int64(done),
                  iterator=np.frombuffer(iterator_state, np.uint8), **arrays)
 
@@ -170,7 +171,7 @@ def _evaluate_size(model: inference.LoadedModel, *, dataset: str,
   result["seconds"] = round(seconds, 3)
   result["images_per_second"] = round(accumulator.num_examples / seconds, 2)
   result = _json_safe(result)
-  with hierarchy_lib.atomic_writer(result_file) as f:
+  with fileio.atomic_writer(result_file) as f:
     json.dump({"fingerprint": fingerprint, "result": result}, f)
   return result
 
@@ -253,7 +254,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
   results = _json_safe(results)
   path = workdir / RESULTS_FILE
   if jax.process_index() == 0:
-    with hierarchy_lib.atomic_writer(path) as f:
+    with fileio.atomic_writer(path) as f:
       json.dump(results, f, indent=1)
   if jax.process_count() > 1:  # Keep the progress until the file exists.
     multihost_utils.sync_global_devices("eval_results.json written")

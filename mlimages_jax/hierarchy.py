@@ -13,23 +13,22 @@ that label augmentation closes millions of label sets with a few NumPy calls.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
 import pathlib
-import tempfile
 import urllib.request
-from typing import IO, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+from mlimages_jax.fileio import PathLike, atomic_writer
 
 HEADER = ("category_index", "category_id", "index_of_parent_category",
           "category name")
 ORIGINAL_URL = ("https://raw.githubusercontent.com/Tencent/tencent-ml-images/"
                 "master/data/dictionary_and_semantic_hierarchy.txt")
 
-PathLike = str | os.PathLike
 
 
 class HierarchyError(ValueError):
@@ -39,31 +38,6 @@ class HierarchyError(ValueError):
     super().__init__(f"{source}:{lineno}: {message}")
     self.source = source
     self.lineno = lineno
-
-
-@contextlib.contextmanager
-def atomic_writer(path: PathLike, mode: str = "w",
-                  **open_kwargs) -> Iterator[IO]:
-  """Opens a temporary file next to `path` that replaces it only on success.
-
-  Every tool that writes a result uses this, so an interrupted or failed run
-  never leaves a truncated file that a later step would trust. It lives in
-  this bottom-floor module because every label tool already imports it.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode, **open_kwargs) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 def ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -38,7 +38,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from mlimages_jax import checkpoints
-from mlimages_jax import hierarchy
+from mlimages_jax import fileio
 from mlimages_jax import preprocessing
 from mlimages_jax.models import resnet
 
@@ -322,7 +322,7 @@ PREDICTIONS_HEADER = "image\trank\tindex\tid\tname\tprobability"
 def write_predictions(path: str | os.PathLike[str],
                       predictions: Sequence[Prediction]) -> None:
   """TSV, one line per (image, rank), with a header line."""
-  with hierarchy.atomic_writer(path, encoding="utf-8") as f:
+  with fileio.atomic_writer(path, encoding="utf-8") as f:
     f.write(PREDICTIONS_HEADER + "\n")
     for p in predictions:
       for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
@@ -341,8 +341,8 @@ def write_features(path: str | os.PathLike[str], features: np.ndarray,
     raise ValueError(f"{len(features)} feature rows for {len(image_paths)} "
                      "images")
   list_path = features_list_path(path)
-  with hierarchy.atomic_writer(path, "wb") as f, \
-      hierarchy.atomic_writer(list_path, encoding="utf-8") as names:
+  with fileio.atomic_writer(path, "wb") as f, \
+      fileio.atomic_writer(list_path, encoding="utf-8") as names:
     np.save(f, np.asarray(features, np.float32))
     names.writelines(f"{p}\n" for p in image_paths)
   return list_path
@@ -372,7 +372,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
                      "(other images, checkpoint or crop); delete it to start "
                      "over")
   work.mkdir(parents=True, exist_ok=True)
-  with hierarchy.atomic_writer(manifest) as f:
+  with fileio.atomic_writer(manifest) as f:
     json.dump(fingerprint, f)
 
   chunks, failed, reasons = [], [], []
@@ -384,7 +384,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
       features, _, failures = extract_features(
           model, paths[start:start + chunk_size], crop=crop,
           batch_size=batch_size, progress=False)
-      with hierarchy.atomic_writer(part, "wb") as f:
+      with fileio.atomic_writer(part, "wb") as f:
         np.savez(f, features=features,
                  failed=np.array([start + x.index for x in failures], np.int64),
                  reasons=np.array([x.reason for x in failures], str))

@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Generator, Iterator
 
 import numpy as np
 
-from mlimages_jax.hierarchy import Hierarchy, PathLike, atomic_writer
+from mlimages_jax.fileio import PathLike, atomic_writer
+from mlimages_jax.hierarchy import Hierarchy
 from mlimages_jax.hierarchy import ragged_arange
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mlimages_jax.hierarchy import Hierarchy, PathLike, atomic_writer
+from mlimages_jax.fileio import PathLike, atomic_writer
+from mlimages_jax.hierarchy import Hierarchy
 from mlimages_jax.labels import AnnotationReader
 
 TRAINABLE_MIN_IMAGES = 100  # "Trainable": more than this many images.

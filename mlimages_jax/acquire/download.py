@@ -45,6 +45,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from mlimages_jax import fileio
+
 # Default size of the connection pool and of the per-host share of it. Flickr
 # serves ML-Images' 6.9M URLs from ~16 CDN host names (farmN, cN), so the
 # per-host cap lets a few hosts fill the pool without one taking all of it.
@@ -630,19 +632,9 @@ def iter_pending(reader: ListReader, names: NameTable, done: np.ndarray,
     yield item, name
 
 
-@contextlib.contextmanager
-def atomic_text(path: str) -> Iterator[io.TextIOBase]:
-  """A text file that appears at ``path`` complete or not at all."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+def atomic_text(path: str):
+  """A UTF-8 text file with LF endings that appears complete or not at all."""
+  return fileio.atomic_writer(path, "w", encoding="utf-8", newline="\n")
 
 
 def write_outputs(out_dir: str, reader: ListReader, journal: Journal,

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from mlimages_jax.cli.hierarchy import add_dictionary_argument
 from mlimages_jax.cli.hierarchy import load_dictionary
-from mlimages_jax import hierarchy as hierarchy_lib
+from mlimages_jax import fileio
 from mlimages_jax import labels as labels_lib
 
 # LabelError and HierarchyError are ValueErrors.
@@ -245,7 +245,7 @@ def _stats(args: argparse.Namespace) -> int:
         trainable_min_images=args.trainable_min_images)
     stats_lib.plot_tags_histogram(
         stats, os.path.join(args.out, "hist_num_annotations.png"))
-    with hierarchy_lib.atomic_writer(os.path.join(args.out, "stats.json"),
+    with fileio.atomic_writer(os.path.join(args.out, "stats.json"),
                                      "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
       f.write("\n")
