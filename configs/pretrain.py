@@ -86,6 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_train_steps = 440_000
   c.seed = 0
 
+  # Options of the fine-tuning recipe (configs/finetune_imagenet.py); off here.
+  c.init_checkpoint = ""  # Restore all but the head from this checkpoint.
+  c.freeze_blocks = 0  # Freeze the stem and this many stages.
+  # From `from_step` on (a schedule step), train at `image_size` (0 = off).
+  c.progressive_resizing = ml_collections.ConfigDict(
+      dict(image_size=0, from_step=0))
+
   # Evaluation, logging, checkpoints.
   c.eval_batch_size = 2048
   c.eval_every_steps = 10_000

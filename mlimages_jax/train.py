@@ -12,6 +12,14 @@ Everything a run needs is validated before the first compilation (config
 fields and types, batch divisibility, dataset presence, checkpoint
 compatibility), so mistakes cost seconds, not a compile.
 
+Fine-tuning (ML_IMAGES.md §8) is the same loop with three options:
+``init_checkpoint`` restores every variable but the head (``logits``) from a
+pre-training run or a converted checkpoint; ``freeze_blocks=k`` keeps the stem
+and the first k stages bit-identical (no gradient step, no weight decay, BN
+moving statistics discarded: "FixBlock2" is k=2); ``progressive_resizing``
+switches the training images to a larger size from a given step ("224 to 299"),
+recreating the input iterator at the same data position.
+
 Learning-rate scaling rule: the schedule in the config is written for
 ``schedule.reference_batch_size`` images per step. For another global batch
 ``B`` the learning rates are multiplied by ``B / reference`` (linear scaling,
@@ -30,7 +38,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -44,6 +51,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from mlimages_jax import checkpoints
+from mlimages_jax import fileio
 from mlimages_jax import input_pipeline
 from mlimages_jax import losses
 from mlimages_jax import metrics as metrics_lib
@@ -78,7 +86,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "num_eval_examples": int, "checkpoint_every_steps": int,
     "keep_checkpoints": int, "async_checkpoints": bool, "seed": int,
     "prefetch_to_device": int,
+    "init_checkpoint": str, "freeze_blocks": int,
+    "progressive_resizing": {"image_size": int, "from_step": int},
 }
+HEAD = "logits"  # The module that fine-tuning re-initialises.
+STEM = "init_conv"
 
 
 class ConfigError(ValueError):
@@ -171,6 +183,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       and schedule.decay_boundaries[0] < schedule.warmup_steps):
     problems.append("config.schedule.decay_boundaries must be ascending and "
                     ">= warmup_steps")
+  num_stages = len(resnet.STAGE_SIZES.get(config.model.depth, ()))
+  if not 0 <= config.freeze_blocks <= num_stages:
+    problems.append(f"config.freeze_blocks must be in 0..{num_stages} (the "
+                    f"stem plus that many stages), got {config.freeze_blocks}")
+  resize = config.progressive_resizing
+  if resize.image_size < 0 or resize.from_step < 0:
+    problems.append("config.progressive_resizing.image_size and from_step "
+                    "must be >= 0")
   try:
     preprocessing.PreprocessConfig.for_mode(_train_mode(config),
                                             dict(config.preprocess))
@@ -226,11 +246,48 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict
   return optax.join_schedules([warmup, after_warmup], [warmup_steps])
 
 
+def image_size_at(config: ml_collections.ConfigDict, step: int) -> int:
+  """Training image size of step number `step` (1-based, batch-scaled).
+
+  With ``progressive_resizing.image_size`` set, the steps after
+  ``from_step`` (a schedule step count, scaled like the others) use it.
+  """
+  resize = config.progressive_resizing
+  if resize.image_size and step > scaled_steps(resize.from_step, config):
+    return resize.image_size
+  return config.image_size
+
+
+def is_frozen(path: tuple[str, ...], freeze_blocks: int) -> bool:
+  """Whether a variable (by its path) is in the stem or a frozen stage."""
+  if not freeze_blocks:
+    return False
+  top = path[0]
+  return top == STEM or any(top.startswith(f"stages_{i}_")
+                            for i in range(freeze_blocks))
+
+
+def freeze_labels(params: Any, freeze_blocks: int) -> Any:
+  """"frozen" / "trainable" for every parameter (optax.multi_transform)."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: ("frozen" if is_frozen(path, freeze_blocks)
+                       else "trainable"), params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule
                      ) -> optax.GradientTransformation:
-  """SGD with (heavy-ball, TF MomentumOptimizer) momentum; L2 is in the loss."""
-  return optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)
+  """SGD with (heavy-ball, TF MomentumOptimizer) momentum; L2 is in the loss.
+
+  Frozen parameters get exactly zero updates (and no momentum state), so the
+  L2 term in their gradient cannot move them either.
+  """
+  sgd = optax.sgd(learning_rate_fn, momentum=config.optimizer.momentum)
+  if not config.freeze_blocks:
+    return sgd
+  return optax.multi_transform(
+      {"trainable": sgd, "frozen": optax.set_to_zero()},
+      functools.partial(freeze_labels, freeze_blocks=config.freeze_blocks))
 
 
 def create_model(config: ml_collections.ConfigDict,
@@ -350,6 +407,13 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
       loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   batch_stats = jax.lax.pmean(batch_stats, AXIS_NAME)
+  if config.freeze_blocks:
+    # Frozen BN layers normalise with batch statistics like the rest but
+    # keep their moving averages: the updates are discarded.
+    batch_stats = flax.traverse_util.path_aware_map(
+        lambda path, new: (_lookup(state.batch_stats, path)
+                           if is_frozen(path, config.freeze_blocks) else new),
+        batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = jax.lax.pmean(
@@ -364,6 +428,12 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   guarded = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                          updated, state)
   return guarded.replace(step=state.step + 1), metrics
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
@@ -433,19 +503,13 @@ class MetricsLog:
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(self.path, "".join(f"{line}\n" for line in kept))
+    with fileio.atomic_writer(self.path) as f:
+      f.write("".join(f"{line}\n" for line in kept))
 
   def write(self, record: Mapping[str, Any]) -> None:
     if self.enabled:
       with self.path.open("a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -477,10 +541,10 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def _iterator(config: ml_collections.ConfigDict, *, split: str, mode: str,
-              global_batch_size: int, seed: int) -> Any:
+              global_batch_size: int, seed: int, image_size: int) -> Any:
   return input_pipeline.create_input_iterator(
       dataset=config.dataset, data_dir=config.data_dir or None, split=split,
-      global_batch_size=global_batch_size, image_size=config.image_size,
+      global_batch_size=global_batch_size, image_size=image_size,
       mode=mode, label_mode=config.label_mode, seed=seed,
       preprocess=dict(config.preprocess) or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -490,16 +554,20 @@ def _iterator(config: ml_collections.ConfigDict, *, split: str, mode: str,
 
 
 def evaluate(p_eval_step: Callable, state: TrainState,
-             config: ml_collections.ConfigDict, num_classes: int) -> float:
-  """Validation mAP over the eval split (or its first `num_eval_examples`).
+             config: ml_collections.ConfigDict,
+             image_size: int | None = None) -> dict[str, float]:
+  """Validation metrics over the eval split (or its first `num_eval_examples`).
 
+  Multi-label: ``{"mAP"}``; single-label: ``{"top1", "top5"}`` (top-k
+  accuracy, ties resolved in the model's favour as in `metrics.top_k_correct`).
   The eval iterator yields the same number of (padded, masked) batches on
   every process, which keeps the SPMD program in lockstep; the scores of all
   processes are then gathered and ranked on the host.
   """
   iterator = _iterator(config, split=config.eval_split, mode="eval",
                        global_batch_size=config.eval_batch_size,
-                       seed=config.seed)
+                       seed=config.seed,
+                       image_size=image_size or config.image_size)
   num_batches = iterator.num_batches
   if config.num_eval_examples > 0:
     num_batches = min(num_batches, math.ceil(config.num_eval_examples
@@ -516,11 +584,73 @@ def evaluate(p_eval_step: Callable, state: TrainState,
   if jax.process_count() > 1:
     scores, labels, masks = multihost_utils.process_allgather(
         (scores, labels, masks), tiled=True)
-  keep = masks > 0
-  scores, labels = scores[keep], labels[keep]
   if config.label_mode == "single":
-    labels = np.eye(num_classes, dtype=np.float32)[labels]
-  return metrics_lib.mean_average_precision(scores, labels)
+    accumulator = metrics_lib.SingleLabelAccumulator(top_k=(1, 5))
+    accumulator.update(scores, labels, masks)
+    result = accumulator.result()
+    return {"top1": result["top1"], "top5": result["top5"]}
+  keep = masks > 0
+  return {"mAP": metrics_lib.mean_average_precision(scores[keep],
+                                                    labels[keep])}
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning initialisation.
+
+
+def load_backbone(path: str, config: ml_collections.ConfigDict,
+                  abstract_variables: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Pre-trained ``(params, batch_stats)`` for everything but the head.
+
+  `path` is anything `checkpoints.load_for_inference` reads (a pre-training
+  workdir, a step directory, a converted inference checkpoint). The backbone
+  must match the config's exactly (the checkpoint metadata is checked first,
+  then every variable's shape, against `abstract_variables` from
+  ``jax.eval_shape``), so a wrong checkpoint fails before any compilation;
+  the class count may differ since the head is re-initialised.
+  """
+  try:
+    variables, metadata = checkpoints.load_for_inference(path)
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(
+        f"config.init_checkpoint: {e}. Give a pre-training workdir or a "
+        f"converted checkpoint; e.g. make the demo's with: python main.py "
+        f"--config=configs/pretrain.py:demo --workdir={path}") from e
+  problems = [
+      f"model.{key}: checkpoint {metadata['model'][key]}, config "
+      f"{config.model[key]}" for key in ("depth", "width_multiplier")
+      if metadata["model"][key] != config.model[key]]
+  if not problems:
+    for collection in ("params", "batch_stats"):
+      want = flax.traverse_util.flatten_dict(abstract_variables[collection])
+      got = flax.traverse_util.flatten_dict(variables[collection])
+      for key in sorted(set(want) | set(got)):
+        if key[0] == HEAD:
+          continue
+        if key not in got or key not in want:
+          where = "checkpoint" if key not in got else "model"
+          problems.append(f"{collection}/{'/'.join(key)} missing in the "
+                          f"{where}")
+        elif got[key].shape != want[key].shape:
+          problems.append(f"{collection}/{'/'.join(key)}: checkpoint "
+                          f"{got[key].shape}, model {want[key].shape}")
+  if problems:
+    raise checkpoints.CheckpointError(
+        f"{path}: the backbone does not match the config: "
+        + "; ".join(problems[:10])
+        + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+  return ({k: v for k, v in variables["params"].items() if k != HEAD},
+          {k: v for k, v in variables["batch_stats"].items() if k != HEAD})
+
+
+def with_backbone(state: TrainState, params: Mapping[str, Any],
+                  batch_stats: Mapping[str, Any]) -> TrainState:
+  """`state` with every module but the head replaced (head kept as init)."""
+  return state.replace(
+      params={k: params.get(k, v) for k, v in state.params.items()},
+      batch_stats={k: batch_stats.get(k, v)
+                   for k, v in state.batch_stats.items()})
 
 
 # ---------------------------------------------------------------------------
@@ -553,23 +683,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   total_steps = num_train_steps(config)
   save_every = config.checkpoint_every_steps
 
+  def train_iterator(step: int) -> Any:
+    """The training stream for step number `step` on (its image size)."""
+    return _iterator(config, split=config.train_split,
+                     mode=_train_mode(config),
+                     global_batch_size=config.batch_size, seed=config.seed,
+                     image_size=image_size_at(config, step))
+
   # Input first: a missing dataset fails here, in seconds.
-  train_iter = _iterator(config, split=config.train_split,
-                         mode=_train_mode(config),
-                         global_batch_size=config.batch_size, seed=config.seed)
+  train_iter = train_iterator(1)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir or None,
                                     label_mode=config.label_mode)
   num_classes = info.num_classes
   metadata = checkpoints.make_metadata(
       depth=config.model.depth, num_classes=num_classes,
       width_multiplier=config.model.width_multiplier,
-      image_size=config.image_size, label_mode=config.label_mode,
-      class_ids=info.class_ids, class_names=info.class_names)
+      image_size=image_size_at(config, total_steps),
+      label_mode=config.label_mode, class_ids=info.class_ids,
+      class_names=info.class_names)
 
   checkpointer = checkpoints.TrainCheckpointer(
       workdir, keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)
   start_step = checkpointer.latest_step() or 0
+  if image_size_at(config, start_step + 1) != image_size_at(config, 1):
+    train_iter = train_iterator(start_step + 1)  # Resuming after a resize.
   if start_step:
     checkpoints.check_compatible(
         checkpointer.metadata(start_step), metadata,
@@ -579,7 +717,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       str(workdir), just_logging=not is_chief, asynchronous=True)
   metrics_log = MetricsLog(workdir / METRICS_FILE, enabled=is_chief)
   if is_chief:
-    _atomic_write(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+    with fileio.atomic_writer(workdir / CONFIG_FILE) as f:
+      f.write(config.to_json_best_effort(indent=2))
     writer.write_hparams(_flatten(config.to_dict()))
   if schedule_scale(config) != 1:
     logging.info("Global batch %d vs reference %d: learning rates x%.4g, "
@@ -588,10 +727,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  1 / schedule_scale(config), total_steps)
 
   model = create_model(config, num_classes)
+  backbone = None
+  if config.init_checkpoint and not start_step:
+    shape = (1, config.image_size, config.image_size, 3)
+    abstract = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
+    backbone = load_backbone(config.init_checkpoint, config, abstract)
   learning_rate_fn = create_learning_rate_fn(config)
   tx = create_optimizer(config, learning_rate_fn)
   state = create_train_state(jax.random.PRNGKey(config.seed), config, model,
                              config.image_size, tx)
+  if backbone is not None:
+    state = with_backbone(state, *backbone)
+    logging.info("Initialised all but the %r head from %s.", HEAD,
+                 config.init_checkpoint)
   if start_step:
     state, position = checkpointer.restore(start_step, state)
     if position is not None:
@@ -605,12 +754,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   def run_eval(step: int) -> None:
     t0 = time.perf_counter()
-    mean_ap = evaluate(p_eval_step, state, config, num_classes)
-    logging.info("step %d: %s mAP %.4f (%.1f s)", step, config.eval_split,
-                 mean_ap, time.perf_counter() - t0)
-    writer.write_scalars(step, {f"{config.eval_split}_mAP": mean_ap})
+    image_size = image_size_at(config, max(step, 1))
+    results = evaluate(p_eval_step, state, config, image_size)
+    logging.info("step %d: %s at %d px: %s (%.1f s)", step, config.eval_split,
+                 image_size,
+                 "  ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                 time.perf_counter() - t0)
+    writer.write_scalars(step, {f"{config.eval_split}_{k}": v
+                                for k, v in results.items()})
     metrics_log.write({"step": step, "split": config.eval_split,
-                       "mAP": mean_ap})
+                       "image_size": image_size, **results})
 
   history: list[tuple[int, dict[str, jax.Array]]] = []
   last_checkpoint = start_step or None
@@ -644,6 +797,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                                 config.prefetch_to_device)
     interval_start, interval_steps = time.perf_counter(), 0
     for step in range(start_step + 1, total_steps + 1):
+      if (step > start_step + 1
+          and image_size_at(config, step) != image_size_at(config, step - 1)):
+        # Progressive resizing: the same data position at the new size.
+        position = batches.get_state()
+        train_iter = train_iterator(step)
+        train_iter.set_state(position)
+        batches = input_pipeline.prefetch_to_device(
+            train_iter, config.prefetch_to_device)
+        logging.info("step %d: training images now %d px.", step,
+                     image_size_at(config, step))
       state, step_metrics = p_train_step(state, next(batches))
       history.append((step, step_metrics))
       interval_steps += 1
