@@ -780,10 +780,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary["learning_rate"] = float(learning_rate_fn(step - 1))
     images_per_sec = (interval_steps * config.batch_size
                       / max(now - interval_start, 1e-9))
+    # Images that failed to decode were skipped by the pipeline; a multi-day
+    # run reports them instead of crashing (summed over all processes).
+    failures = np.asarray(batches.decode_failures, np.int64)
+    if jax.process_count() > 1:
+      failures = multihost_utils.process_allgather(failures)
+    summary["decode_failures"] = int(np.sum(failures))
     writer.write_scalars(step, dict(summary, images_per_sec=images_per_sec))
     metrics_log.write({"step": step, "loss": summary["loss"],
                        "learning_rate": summary["learning_rate"],
-                       "images_per_sec": images_per_sec})
+                       "images_per_sec": images_per_sec,
+                       "decode_failures": summary["decode_failures"]})
     remaining = (total_steps - step) * config.batch_size / images_per_sec
     logging.info("step %d/%d  loss %.4f  lr %.4g  %.1f img/s  eta %s", step,
                  total_steps, summary["loss"], summary["learning_rate"],

@@ -76,7 +76,9 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
   eval_lines = [l for l in lines if "mAP" in l]
   assert [l["step"] for l in train_lines] == [2, 3, 4, 6]
   for line in train_lines:
-    assert set(line) == {"step", "loss", "learning_rate", "images_per_sec"}
+    assert set(line) == {"step", "loss", "learning_rate", "images_per_sec",
+                         "decode_failures"}
+    assert line["decode_failures"] == 0
     assert np.isfinite(line["loss"]) and line["images_per_sec"] > 0
     assert line["learning_rate"] == pytest.approx(
         float(train.create_learning_rate_fn(config)(line["step"] - 1)))
