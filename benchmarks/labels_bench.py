@@ -9,38 +9,41 @@ from the real hierarchy (or, when the original files are absent, a generated
 - 40% Open Images-style rows (a Flickr URL key): 1-6 tags (uniform) drawn
   without repetition from 1,134 classes with Zipf weights 1/rank, in drawn
   (unsorted) order, confidence 1 / 0.9 / 0.8 (70/20/10%) and -1 for 1% of
-  tags. Most of these tag texts are distinct, so the memo mostly misses on
-  them; the run prints the memo hit rate.
+  tags.
+Co-occurrence pairs for the co-occurrence figure: 2,000 pairs from
+random leaves to those 1,134 tag classes, confidence 0.5-0.9.
 
 Timed in the same run, on the same file, interleaved, best of `--repeats`:
 - baseline: ``for line in open(f): line.split()`` (plain Python, no output);
 - augment: `labels.augment_file` in this process (parse, close over the
-  hierarchy, format, atomic write), and again with `--workers` processes.
+  hierarchy, format, atomic write) with its compiled (numba) kernel, and
+  again with co-occurrence pairs, and with `--workers` threads.
+Once: the NumPy path (``compiled=False``, what augment ran before the
+kernel) and the per-line path, for reference.
 
 JSON line: value = rows/s of augment in one process, from its CPU time;
 baseline = rows/s of the baseline, from its CPU time; ratio = augment CPU
-seconds / baseline CPU seconds (the issue's target: <= 3). CPU time because
-this machine is shared: wall time counts other processes' load. Also in the
-JSON: `workers_wall_ratio` = wall seconds of the augment with N workers /
-wall seconds of the baseline (the job's elapsed time on a many-core host),
-the memo hit rate, and the peak RSS of a fresh process augmenting files of
-two lengths (it must not grow with the file).
+seconds / baseline CPU seconds (the issue's target: <= 3). The ratio is the
+steady state: this process warms the kernel up on a small file first, so
+neither numba's compilation nor the loading of its on-disk cache is in it.
+Those one-time costs are measured apart, in fresh processes with an empty
+and then a filled cache directory (`compile_s`, `cache_load_s`: CPU
+seconds of a first tiny augment). CPU time because this machine is shared:
+wall time counts other processes' load. Also in the JSON: the ratios with
+co-occurrence pairs and of the NumPy path, `workers_wall_ratio` = wall
+seconds of the augment with N threads / wall seconds of the baseline, the
+share of rows the kernel augmented (the rest, deferred, take the NumPy
+path), and the peak RSS of a fresh process augmenting files of two lengths
+(it must not grow with the file; numba and LLVM alone take ~110 MB of it).
 
-Where the time goes (1M rows, 2 loaded cores, CPU seconds, baseline ~0.22):
-augment ~1.95, i.e. ~9x, against ~2.08 (~9.5x) for the previous all-NumPy
-path on the same rows. Memo hits (~61%: nearly all ImageNet rows) cost ~2.3x
-the baseline's time per line: one `bytes.partition`, a dict lookup and a join
-per line, and twice the input to write. The misses (~39% of rows, nearly
-all Open Images rows, each closing to ~25 labels) cost ~1.2: tokenising
-~0.3, closure ~0.45, formatting ~0.28, glue ~0.15, i.e. ~3 us a row in about
-15 whole-array NumPy passes, some 13 baseline lines' worth. So in one
-process the 3x target is out of reach while most tag sets are distinct;
-it needs a compiled kernel (numba, Cython, Rust) that this stack lacks.
-The main process of a multi-worker run (read, dispatch, write) costs ~1.6x
-the baseline's CPU: that is the floor of the wall-time ratio on a host with
-enough cores; on this 2-core shared machine the workers do not help.
+Where the time goes (1M rows, 2 loaded cores, CPU seconds; baseline
+~0.23): augment ~0.52 (~2.2-2.5x): the kernel ~0.40 (formatting the 141 MB
+of output ~0.18, tokenising and parsing ~0.1, closure ~0.06, sorting
+~0.06), reading and writing the files ~0.1, Python glue per chunk the
+rest. The NumPy path (kept for the lines the kernel defers) takes ~2.2
+(~10x): about 15 whole-array passes per chunk, plus a memo.
 
-  python benchmarks/labels_bench.py             # 1M rows (~2 min here)
+  python benchmarks/labels_bench.py             # 1M rows (~1-3 min here)
   python benchmarks/labels_bench.py --rows 10000000 --repeats 1 --workers 16
 """
 
@@ -51,7 +54,6 @@ import filecmp
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -133,25 +135,24 @@ def baseline(path: pathlib.Path) -> tuple[float, float]:
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def write_pairs(path: pathlib.Path, tree: Hierarchy, seed: int) -> None:
+  """The co-occurrence pairs of the module docstring (TSV)."""
+  rng = np.random.default_rng(seed)
+  tag_classes = rng.choice(tree.num_classes, 1134, replace=False)  # Rows'.
+  sources = rng.choice(tree.leaves(), 2000)
+  targets = rng.choice(tag_classes, 2000)
+  confs = rng.choice([0.5, 0.6, 0.7, 0.8, 0.9], 2000)
+  path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
+      f"{s}\t{t}\t{c}\n" for s, t, c in zip(sources, targets, confs)))
+
+
 def augment(tree: Hierarchy, path: pathlib.Path, out: pathlib.Path,
-            workers: int = 1
-            ) -> tuple[float, float, float, labels.AugmentSummary]:
-  """(wall, CPU, CPU of this process, summary) of the whole augment.
-
-  CPU counts this process and, with workers, the worker processes (reaped
-  when the pool shuts down, so they are in RUSAGE_CHILDREN afterwards).
-  This process's own CPU (reading, dispatching, writing) bounds the wall
-  time that any number of workers can reach.
-  """
-  def children() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-  wall, own, child = time.perf_counter(), time.process_time(), children()
-  summary = labels.augment_file(tree, path, out, workers=workers)
-  own = time.process_time() - own
-  return (time.perf_counter() - wall, own + children() - child, own,
-          summary)
+            workers: int = 1, **options
+            ) -> tuple[float, float, labels.AugmentSummary]:
+  """(wall, CPU, summary) of the whole augment; CPU of all its threads."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  summary = labels.augment_file(tree, path, out, workers=workers, **options)
+  return time.perf_counter() - wall, time.process_time() - cpu, summary
 
 
 def per_line(tree: Hierarchy, path: pathlib.Path, num_rows: int) -> float:
@@ -164,15 +165,41 @@ def per_line(tree: Hierarchy, path: pathlib.Path, num_rows: int) -> float:
   return (time.process_time() - cpu) / num_rows
 
 
-def peak_rss_mb(tree: Hierarchy, path: pathlib.Path, out: pathlib.Path
-                ) -> float:
+def run_fresh(code: str, *args: pathlib.Path, env: dict | None = None
+              ) -> str:
+  """Output of `code` in a fresh Python process (argv: `args`)."""
+  return subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                        capture_output=True, text=True, check=True,
+                        env=None if env is None else {**os.environ, **env}
+                        ).stdout.strip()
+
+
+def first_call_s(hierarchy_file: pathlib.Path, path: pathlib.Path,
+                 out: pathlib.Path, cache_dir: pathlib.Path) -> float:
+  """CPU seconds of a fresh process's first augment of a tiny file.
+
+  With an empty numba cache directory that is the kernel's compilation;
+  with a filled one, the loading of the cached machine code. Import and
+  hierarchy loading are not counted.
+  """
+  code = ("import sys, time\n"
+          "from mlimages_jax import labels\n"
+          "from mlimages_jax.hierarchy import Hierarchy\n"
+          "tree = Hierarchy.from_file(sys.argv[1])\n"
+          "cpu = time.process_time()\n"
+          "labels.augment_file(tree, sys.argv[2], sys.argv[3])\n"
+          "print(time.process_time() - cpu)\n")
+  return float(run_fresh(code, hierarchy_file, path, out,
+                         env={"NUMBA_CACHE_DIR": str(cache_dir)}))
+
+
+def peak_rss_mb(hierarchy_file: pathlib.Path, path: pathlib.Path,
+                out: pathlib.Path) -> float:
   """Peak RSS of a fresh process that loads the hierarchy and augments.
 
   VmHWM, not ru_maxrss: on Linux the latter also keeps the peak of the
   forked copy of this (larger) benchmark process from before the exec.
   """
-  hierarchy_file = out.with_suffix(".hierarchy.txt")
-  tree.write(hierarchy_file)
   code = (
       "import re, resource, sys\n"
       "from mlimages_jax import labels\n"
@@ -184,10 +211,7 @@ def peak_rss_mb(tree: Hierarchy, path: pathlib.Path, out: pathlib.Path
       "  print(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
       "except OSError:\n"
       "  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-  done = subprocess.run([sys.executable, "-c", code, str(hierarchy_file),
-                         str(path), str(out)], capture_output=True, text=True,
-                        check=True)
-  return int(done.stdout.strip()) / 1024
+  return int(run_fresh(code, hierarchy_file, path, out)) / 1024
 
 
 def main() -> None:
@@ -208,45 +232,71 @@ def main() -> None:
   print(f"hierarchy: {source} ({tree.num_classes} classes)")
   with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
     tmp = pathlib.Path(tmp)
-    big, small = tmp / "big.txt", tmp / "small.txt"
+    big, small, tiny = tmp / "big.txt", tmp / "small.txt", tmp / "tiny.txt"
+    hierarchy_file, pairs_file = tmp / "hierarchy.txt", tmp / "pairs.tsv"
     start = time.perf_counter()
     write_rows(big, tree, args.rows, args.seed)
     write_rows(small, tree, args.rows // 4, args.seed + 1)
+    write_rows(tiny, tree, 1000, args.seed + 2)
+    write_pairs(pairs_file, tree, args.seed)
+    tree.write(hierarchy_file)
+    pairs = labels.load_cooccurrence_pairs(pairs_file, tree.num_classes)
     print(f"generated {args.rows} + {args.rows // 4} rows in "
           f"{time.perf_counter() - start:.1f} s ({big.stat().st_size / 1e6:.0f}"
           " MB)")
-    base, one, many = [], [], []
+    compile_s = first_call_s(hierarchy_file, tiny, tmp / "o.txt",
+                             tmp / "numba_cache")
+    cache_load_s = first_call_s(hierarchy_file, tiny, tmp / "o.txt",
+                                tmp / "numba_cache")
+    for options in ({}, {"pairs": pairs}):  # Warm up: load (or compile).
+      labels.augment_file(tree, tiny, tmp / "o.txt", **options)
+    base, one, cooc, many = [], [], [], []
     for _ in range(args.repeats):  # Interleaved: all see the same load.
       base.append(baseline(big))
       one.append(augment(tree, big, tmp / "out.txt"))
+      cooc.append(augment(tree, big, tmp / "out_cooc.txt", pairs=pairs))
       many.append(augment(tree, big, tmp / "out_workers.txt", args.workers))
-    # Best CPU time for the single-process ratio, best wall time for the
+    numpy_path = augment(tree, big, tmp / "out_numpy.txt", compiled=False)
+    for name in ("out_workers.txt", "out_numpy.txt"):
+      if not filecmp.cmp(tmp / "out.txt", tmp / name, shallow=False):
+        raise AssertionError(f"{name} differs from out.txt")
+    # Best CPU time for the single-process ratios, best wall time for the
     # workers' (the machine is shared: both only ever get slower).
-    base_cpu, base_wall = min(t[1] for t in base), min(t[0] for t in base)
-    aug_wall, aug_cpu, _, summary = min(one, key=lambda t: t[1])
-    many_wall, many_cpu, _, many_summary = min(many, key=lambda t: t[0])
-    parent_cpu = min(t[2] for t in many)
-    if not filecmp.cmp(tmp / "out.txt", tmp / "out_workers.txt",
-                       shallow=False):
-      raise AssertionError("the workers' output differs")
+    base_cpus = sorted(t[1] for t in base)
+    base_cpu, base_wall = base_cpus[0], min(t[0] for t in base)
+    aug_cpus = sorted(t[1] for t in one)
+    aug_wall, aug_cpu, summary = min(one, key=lambda t: t[1])
+    _, cooc_cpu, cooc_summary = min(cooc, key=lambda t: t[1])
+    many_wall, many_cpu, many_summary = min(many, key=lambda t: t[0])
     out_mb = (tmp / "out.txt").stat().st_size / 1e6
     line_s = per_line(tree, big, min(args.rows, 50_000))
-    rss_small = peak_rss_mb(tree, small, tmp / "out_small.txt")
-    rss_big = peak_rss_mb(tree, big, tmp / "out_big.txt")
+    rss_small = peak_rss_mb(hierarchy_file, small, tmp / "out_small.txt")
+    rss_big = peak_rss_mb(hierarchy_file, big, tmp / "out_big.txt")
 
   ratio = aug_cpu / base_cpu
-  hit_rate = summary.memo_hits / summary.rows
+  kernel_share = summary.kernel_rows / summary.rows
   print(f"baseline (read + split lines): {base_cpu:.3f} s CPU, "
-        f"{base_wall:.3f} s wall ({args.rows / base_cpu:,.0f} rows/s)")
+        f"{base_wall:.3f} s wall ({args.rows / base_cpu:,.0f} rows/s); all "
+        f"runs: {', '.join(f'{t:.3f}' for t in base_cpus)}")
   print(f"augment, 1 process (parse, close, format, write {out_mb:.0f} MB): "
         f"{aug_cpu:.3f} s CPU, {aug_wall:.3f} s wall "
         f"({args.rows / aug_cpu:,.0f} rows/s) = {ratio:.2f}x the baseline's "
-        f"CPU time (target <= 3x); memo hit rate {hit_rate:.1%}")
-  print(f"augment, {many_summary.workers} workers: {many_wall:.3f} s wall = "
-        f"{many_wall / base_wall:.2f}x the baseline's wall time; "
-        f"{many_cpu:.3f} s CPU in all processes, {parent_cpu:.3f} s in the "
-        f"main one (= {parent_cpu / base_cpu:.2f}x the baseline's CPU: the "
-        f"floor of the wall-time ratio with enough cores)")
+        f"CPU time (target <= 3x; steady state); all runs: "
+        f"{', '.join(f'{t:.3f}' for t in aug_cpus)}; {kernel_share:.1%} of "
+        "rows by the compiled kernel")
+  print(f"one-time costs of the kernel (fresh process, first tiny augment): "
+        f"compile {compile_s:.2f} s CPU with an empty numba cache, "
+        f"{cache_load_s:.2f} s CPU to load it from the cache")
+  print(f"augment with {len(pairs)} co-occurrence pairs: {cooc_cpu:.3f} s CPU"
+        f" = {cooc_cpu / base_cpu:.2f}x the baseline's CPU time "
+        f"({cooc_summary.kernel_rows / cooc_summary.rows:.1%} of rows by the "
+        "kernel)")
+  print(f"augment with the NumPy path (compiled=False, before the kernel): "
+        f"{numpy_path[1]:.3f} s CPU = {numpy_path[1] / base_cpu:.2f}x; memo "
+        f"hit rate {numpy_path[2].memo_hits / numpy_path[2].rows:.1%}")
+  print(f"augment, {many_summary.workers} worker threads: {many_wall:.3f} s "
+        f"wall = {many_wall / base_wall:.2f}x the baseline's wall time "
+        f"(1 thread: {aug_wall / base_wall:.2f}x); {many_cpu:.3f} s CPU")
   print(f"for reference, the per-line path (parse_line, augment, format_line):"
         f" {1 / line_s:,.0f} rows/s")
   print(f"peak RSS of an augment process: {rss_small:.0f} MB for "
@@ -255,9 +305,13 @@ def main() -> None:
       "benchmark": "labels_augment", "value": round(args.rows / aug_cpu),
       "unit": "rows/s", "baseline": round(args.rows / base_cpu),
       "ratio": round(ratio, 3), "target": 3.0,
-      "memo_hit_rate": round(hit_rate, 4), "workers": many_summary.workers,
+      "ratio_runs": [round(t / base_cpu, 3) for t in aug_cpus],
+      "kernel_share": round(kernel_share, 4),
+      "compile_s": round(compile_s, 2), "cache_load_s": round(cache_load_s, 2),
+      "cooccurrence_ratio": round(cooc_cpu / base_cpu, 3),
+      "numpy_path_ratio": round(numpy_path[1] / base_cpu, 3),
+      "workers": many_summary.workers,
       "workers_wall_ratio": round(many_wall / base_wall, 3),
-      "workers_main_cpu_ratio": round(parent_cpu / base_cpu, 3),
       "peak_rss_mb": {str(args.rows // 4): round(rss_small, 1),
                       str(args.rows): round(rss_big, 1)}}))
 

@@ -279,8 +279,8 @@ def reference_augment(tree: Hierarchy, lines: list[str], source: str):
     if not line.strip():
       continue
     try:
-      key, idx, conf = labels.parse_line(line, num_classes=7, source=source,
-                                         lineno=lineno)
+      key, idx, conf = labels.parse_line(line, num_classes=tree.num_classes,
+                                         source=source, lineno=lineno)
     except LabelError as e:
       errors.append(e)
       continue
@@ -288,11 +288,12 @@ def reference_augment(tree: Hierarchy, lines: list[str], source: str):
   return out, errors
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("chunk_bytes, max_memo, workers", [
     (1 << 20, 1 << 16, 1), (64, 3, 1), (40, 1 << 16, 2)])
 def test_augment_file_memo_matches_line_by_line(tree: Hierarchy, tmp_path,
                                                 chunk_bytes, max_memo,
-                                                workers):
+                                                workers, compiled):
   rng = np.random.default_rng(7)
   templates = rng.choice(MEMO_LINES, 600)
   lines = [t.format(k=f"img_{n}.jpg") for n, t in enumerate(templates)]
@@ -303,18 +304,149 @@ def test_augment_file_memo_matches_line_by_line(tree: Hierarchy, tmp_path,
   out = tmp_path / "out.txt"
   summary = labels.augment_file(tree, path, out, skip_invalid=True,
                                 chunk_bytes=chunk_bytes, max_memo=max_memo,
-                                workers=workers)
+                                workers=workers, compiled=compiled)
   assert out.read_text().splitlines() == expected
   assert (summary.rows, summary.invalid) == (len(expected), len(errors))
   assert summary.invalid_examples == [str(e) for e in errors[:20]]
-  # Texts repeat across chunks (within one chunk, misses are not shared).
-  assert (summary.memo_hits > 0) == (chunk_bytes < path.stat().st_size)
-  assert summary.memo_hits < summary.rows
+  if compiled:  # The kernel takes every valid line; the memo sees none.
+    assert (summary.kernel_rows, summary.memo_hits) == (summary.rows, 0)
+  else:  # Texts repeat across chunks (within one, misses are not shared).
+    assert (summary.memo_hits > 0) == (chunk_bytes < path.stat().st_size)
+    assert 0 < summary.rows - summary.memo_hits and summary.kernel_rows == 0
   with pytest.raises(LabelError) as info:
     labels.augment_file(tree, path, tmp_path / "o2.txt",
-                        chunk_bytes=chunk_bytes, workers=workers)
+                        chunk_bytes=chunk_bytes, workers=workers,
+                        compiled=compiled)
   assert str(info.value) == str(errors[0])
   assert not (tmp_path / "o2.txt").exists()
+
+
+# Forms the compiled kernel parses, and forms it defers to the NumPy path
+# (which formats them, or names the error): -0 ties, float() forms, more
+# than 15 digits, unicode digits, out of range, NaN, control bytes.
+KERNEL_LINES = TRICKY_LINES + [
+    "k8\t5:-0\t5:0", "k9\t5:0\t5:-0", "k10\t0007:1\t3:-0.5\t3:-1",
+    "k11\t1:1.0000000000000001", "k12\t2:0.30000001\t1:0.3", "k13 4:1. 1:-.5",
+    "k14\t\u0663:1", "k15\t1:1\t1234567890:1", "k16\t2:1.00000001",
+    "k17\t3:nan", "k18\t1:1 \x1c", "k19\t2:0.9x", "k20\t2::1", "k21\t:1",
+    "k22\t6:0.000001", "\u00e9t\u00e9\x1c\t2:1", "K" * 70000 + "\t1:1",
+    "k23\v\f2:1\r", "k24\t1:0\t0:0.0",
+]
+
+
+def assert_same_augment(tree: Hierarchy, path: pathlib.Path, tmp_path,
+                        **options) -> labels.AugmentSummary:
+  """Compiled and NumPy paths: same bytes and summary, or the same error.
+
+  Returns the compiled path's summary (None after an error).
+  """
+  results, summary = [], None
+  for compiled in (False, True):
+    out = tmp_path / f"out_{compiled}.txt"
+    out.unlink(missing_ok=True)
+    try:
+      summary = labels.augment_file(tree, path, out, compiled=compiled,
+                                    **options)
+      results.append((out.read_bytes(), summary.rows, summary.invalid,
+                      summary.invalid_examples))
+    except LabelError as e:
+      assert not out.exists()
+      results.append(str(e))
+  assert results[0] == results[1]
+  return summary
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 16, 7])
+@pytest.mark.parametrize("last_newline", [True, False])
+def test_compiled_augment_matches_numpy_path_and_reference(
+    tree: Hierarchy, tmp_path, chunk_bytes, last_newline):
+  lines = [line.replace("k", f"k{n}_", 1)
+           for n, line in enumerate(KERNEL_LINES * 3)]
+  text = "".join(line + ("\r\n" if n % 4 == 0 else "\n")
+                 for n, line in enumerate(lines))
+  path = tmp_path / "in.txt"
+  path.write_bytes((text if last_newline else text.rstrip("\n")).encode(
+      "utf-8", "surrogateescape"))
+  expected, errors = reference_augment(tree, lines, str(path))
+  for skip_invalid in (False, True):
+    summary = assert_same_augment(tree, path, tmp_path, chunk_bytes=chunk_bytes,
+                                  skip_invalid=skip_invalid)
+  out = tmp_path / "out_True.txt"
+  got = out.read_bytes().decode("utf-8", "surrogateescape").split("\n")
+  assert got == expected + [""]  # Not splitlines: it also splits at \x1c.
+  assert (summary.rows, summary.invalid) == (len(expected), len(errors))
+  assert 0 < summary.kernel_rows < summary.rows  # Some deferred, not all.
+  with pytest.raises(LabelError) as info:
+    labels.augment_file(tree, path, out, chunk_bytes=chunk_bytes)
+  assert str(info.value) == str(errors[0])
+
+
+def test_compiled_augment_many_labels_pairs_and_full_tables(tmp_path):
+  """Closures of > 64 labels (sorted by np.sort), co-occurrence pairs, more
+  deferred lines than one kernel call holds, more values than its table."""
+  tree = random_forest_tree(8, 400)
+  rng = np.random.default_rng(9)
+  pairs_path = tmp_path / "pairs.tsv"
+  pairs_path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
+      f"{s}\t{t}\t{c}\n" for s, t, c in zip(
+          rng.integers(0, 400, 300), rng.integers(0, 400, 300),
+          rng.choice([0.5, 0.7, 0.95], 300))))
+  pairs = labels.load_cooccurrence_pairs(pairs_path, 400)
+  lines = []
+  for n in range(12000):
+    k = int(rng.integers(0, 70 if n % 50 == 0 else 6))
+    idx = rng.integers(0, 400, k)
+    conf = rng.choice(["1", "0.9", "0.55", "-1", "0"], k)
+    lines.append(f"img_{n}\t" + " ".join(f"{i}:{c}" for i, c in zip(idx, conf)))
+  lines += [f"d{n}\t{n % 400}:{n / 9000:.5f}" for n in range(9000)]  # Values.
+  lines += [f"x{n}\t{n % 400}:1\n{n} 400:1" for n in range(5000)]  # Invalid.
+  path = tmp_path / "in.txt"
+  write_lines(path, lines)
+  for with_pairs in (None, pairs):
+    summary = assert_same_augment(tree, path, tmp_path, pairs=with_pairs,
+                                  skip_invalid=True)
+    assert summary.invalid == 5000
+    assert 0 < summary.kernel_rows < summary.rows
+  inputs = {line.split()[0]: line for line in lines}
+  got = (tmp_path / "out_True.txt").read_text().splitlines()
+  for line in got[:200:7] + got[12000:12100:9]:
+    key, idx, conf = labels.parse_line(line)
+    _, in_idx, in_conf = labels.parse_line(inputs[key])
+    assert as_dict(idx, conf) == as_dict(*labels.augment(tree, in_idx,
+                                                         in_conf, pairs))
+
+
+def test_compiled_augment_real_hierarchy(real_hierarchy_path, tmp_path):
+  """Rows like the real lists' (a leaf; Zipf tags), on the real hierarchy."""
+  tree = Hierarchy.from_file(real_hierarchy_path)
+  rng = np.random.default_rng(10)
+  leaves = tree.leaves()
+  tags = rng.choice(tree.num_classes, 300, replace=False)
+  lines = []
+  for n in range(3000):
+    if n % 5 < 3:
+      leaf = int(rng.choice(leaves))
+      lines.append(f"{tree.wnids[leaf]}/{tree.wnids[leaf]}_{n}.JPEG\t{leaf}:1")
+    else:
+      k = int(rng.integers(1, 7))
+      lines.append(f"https://x.org/{n}_o.jpg\t" + "\t".join(
+          f"{t}:{c}" for t, c in zip(rng.choice(tags, k), rng.choice(
+              ["1", "0.9", "0.8", "-1"], k))))
+  path = tmp_path / "in.txt"
+  write_lines(path, lines)
+  pairs_path = tmp_path / "pairs.tsv"
+  pairs_path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
+      f"{s}\t{t}\t0.8\n" for s, t in zip(rng.choice(leaves, 500),
+                                         rng.choice(tags, 500))))
+  pairs = labels.load_cooccurrence_pairs(pairs_path, tree.num_classes)
+  for with_pairs in (None, pairs):
+    summary = assert_same_augment(tree, path, tmp_path, pairs=with_pairs)
+    assert summary.kernel_rows == summary.rows == 3000
+    got = (tmp_path / "out_True.txt").read_text().splitlines()
+    for line, original in zip(got[::37], lines[::37]):
+      key, idx, conf = labels.parse_line(original)
+      assert line == labels.format_line(key, *labels.augment(tree, idx, conf,
+                                                             with_pairs))
 
 
 def test_augment_one_row_matches_batch_path(tmp_path):

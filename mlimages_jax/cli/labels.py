@@ -144,11 +144,13 @@ def _augment(args: argparse.Namespace) -> int:
     return 1
   seconds = time.perf_counter() - start
   _report_invalid(summary.invalid, summary.invalid_examples)
-  hits = summary.memo_hits / max(summary.rows, 1)
+  rows = max(summary.rows, 1)
   print(f"augmented {summary.rows} rows in {seconds:.1f} s "
-        f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s, {hits:.0%} from "
-        f"the memo, {summary.workers} process(es)), {summary.invalid} "
-        f"invalid line(s) skipped -> {args.output}")
+        f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s, "
+        f"{summary.kernel_rows / rows:.0%} by the compiled kernel, "
+        f"{summary.memo_hits / rows:.0%} from the memo, {summary.workers} "
+        f"worker(s)), {summary.invalid} invalid line(s) skipped -> "
+        f"{args.output}")
   return 0
 
 
