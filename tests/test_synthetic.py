@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import pathlib
+import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -12,7 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 
+from mlimages_jax import losses
 from mlimages_jax import synthetic
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +176,57 @@ def test_labels_are_learnable_by_a_shallow_baseline(hierarchy):
   assert len(aps) >= 40
   assert np.mean(chance) < 0.2
   assert np.mean(aps) > 0.65, (np.mean(aps), np.mean(chance))
+
+
+def _positive_coefficients(labels: np.ndarray, batch_size: int, loss_config,
+                           steps: int = 150, skip: int = 20) -> np.ndarray:
+  """Mean §7 coefficient of each class over the batches where it is positive.
+
+  The coefficients depend only on which classes are positive in each batch
+  (and the negative-sampling draws), not on the model, so shuffled label
+  batches through `losses.class_coefficients` give the values training uses.
+  """
+  rng = np.random.default_rng(0)
+  epochs = steps * batch_size // len(labels) + 1
+  order = np.concatenate([rng.permutation(len(labels)) for _ in range(epochs)])
+  update = jax.jit(losses.class_coefficients)
+  state = losses.init_loss_state(labels.shape[1])
+  total, count = np.zeros(labels.shape[1]), np.zeros(labels.shape[1])
+  for step in range(steps):
+    batch = labels[order[step * batch_size:(step + 1) * batch_size]]
+    positive = (batch >= loss_config.mask_thres).any(0).astype(np.float32)
+    selected = (rng.random(labels.shape[1]) <= loss_config.neg_select
+                ).astype(np.float32)
+    coef, state = update(jnp.asarray(positive), jnp.asarray(selected), state)
+    if step >= skip:
+      total += np.asarray(coef) * positive
+      count += positive
+  return total / np.maximum(count, 1)
+
+
+def test_demo_batches_keep_the_adaptive_coefficients_apart(hierarchy):
+  """The demo's §7 loss: frequent classes at the floor, rarer ones weigh more.
+
+  configs/pretrain.py:demo's batch size decides whether the class weighting
+  does anything. In ML-Images the generic classes are positive in every
+  batch (coefficient 0.01) and the specific ones now and then (up to 1). In
+  batches of 64 all 45 synthetic classes are positive almost every time, so
+  nearly every class is pinned at the floor; the demo's batches of 16 restore
+  the contrast.
+  """
+  config = pretrain.get_config("demo")
+  assert config.loss.name == "adaptive_sigmoid"
+  assert (config.loss.pos_weight, config.loss.mask_thres,
+          config.loss.neg_select) == (12.0, 0.7, 0.1)  # The recipe's.
+  labels = np.zeros((960, hierarchy.num_classes), np.float32)
+  for i, ex in enumerate(synthetic.generate_split(hierarchy, "train", 960)):
+    labels[i, ex.labels] = ex.confidences
+  depth = hierarchy.depth
+  demo = _positive_coefficients(labels, config.batch_size, config.loss)
+  by_depth = [demo[depth == d].mean() for d in range(4)]
+  assert by_depth[0] < 0.02  # The 3 roots: in every batch, at the floor.
+  assert by_depth[3] > 0.4  # The 24 leaves: weighted up.
+  assert by_depth == sorted(by_depth)  # Rarer classes weigh more.
+  assert (demo[depth == 3] > 0.2).all()  # No leaf pinned.
+  dense = _positive_coefficients(labels, 64, config.loss)
+  assert dense[depth == 3].mean() < 0.15 and dense[depth < 3].max() < 0.05
