@@ -8,6 +8,14 @@ workdir. The structure follows flax ``examples/imagenet``: a replicated
 moving statistics and metrics averaged across all devices), host-side
 logging every ``log_every_steps``.
 
+The host runs ahead of the devices and waits for them only where it must:
+a logging interval's metrics are fetched (and NaN checked) once the next
+step is queued, a checkpoint is handed to Orbax after the next step is
+queued (its copy is taken first: the step donates the state's memory), and
+the learning rate is logged from the step's own metrics. The devices idle
+only while a checkpoint's copy is taken, not while the host logs or Orbax
+starts a save (measured by `benchmarks/train_step_bench.py`).
+
 Everything a run needs is validated before the first compilation (config
 fields and types, batch divisibility, dataset presence, checkpoint
 compatibility), so mistakes cost seconds, not a compile.
@@ -379,13 +387,17 @@ def _data_loss(config: ml_collections.ConfigDict, logits: jnp.ndarray,
 def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
                model: resnet.ResNet, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
-               bn_modules: frozenset[tuple[str, ...]]
+               bn_modules: frozenset[tuple[str, ...]],
+               learning_rate_fn: optax.Schedule | None = None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One SGD step on one device's shard; run under pmap(axis_name='batch').
 
   A non-finite loss or gradient leaves the state untouched (only `step`
   advances) and reports ``finite=0``; the host stops at its next check, so
-  the last good state is what gets checkpointed.
+  the last good state is what gets checkpointed. With `learning_rate_fn`
+  (the optimizer's schedule) the metrics include the step's
+  ``learning_rate``: computed here, the host never runs (and waits for)
+  device ops of its own to log it.
   """
   # The same key on every device: the adaptive loss's negative-class sampling
   # must agree everywhere so that all devices keep identical counters.
@@ -423,6 +435,8 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(
       metrics["grad_norm"])
   metrics["finite"] = finite.astype(jnp.float32)
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
   updated = state.replace(params=params, batch_stats=batch_stats,
                           opt_state=opt_state, loss_state=loss_state)
   guarded = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -452,10 +466,13 @@ def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
 
 def pmap_train_step(model: resnet.ResNet, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
-                    bn_modules: frozenset[tuple[str, ...]]) -> Callable:
+                    bn_modules: frozenset[tuple[str, ...]],
+                    learning_rate_fn: optax.Schedule | None = None
+                    ) -> Callable:
   return jax.pmap(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        bn_modules=bn_modules),
+                        bn_modules=bn_modules,
+                        learning_rate_fn=learning_rate_fn),
       axis_name=AXIS_NAME, donate_argnums=(0,))
 
 
@@ -485,9 +502,13 @@ def replicate(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first local device's copy, as NumPy (no per-shape compilation)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0],
-                      tree)
+  """The first local device's copy, as NumPy (no per-shape compilation).
+
+  All leaves are fetched in one `jax.device_get` (transfers started together,
+  then awaited), not one blocking round trip per leaf.
+  """
+  first = jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
+  return jax.tree.map(lambda x: x[0], jax.device_get(first))
 
 
 class MetricsLog:
@@ -551,6 +572,15 @@ def _iterator(config: ml_collections.ConfigDict, *, split: str, mode: str,
       local_device_count=jax.local_device_count(),
       transfer_dtype=config.transfer_dtype,
       build_if_missing=config.build_dataset_if_missing)
+
+
+def create_train_iterator(config: ml_collections.ConfigDict,
+                          step: int = 1) -> Any:
+  """This process's training stream from step number `step` on, at that
+  step's image size (position 0: `set_state` moves it)."""
+  return _iterator(config, split=config.train_split, mode=_train_mode(config),
+                   global_batch_size=config.batch_size, seed=config.seed,
+                   image_size=image_size_at(config, step))
 
 
 def evaluate(p_eval_step: Callable, state: TrainState,
@@ -683,15 +713,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   total_steps = num_train_steps(config)
   save_every = config.checkpoint_every_steps
 
-  def train_iterator(step: int) -> Any:
-    """The training stream for step number `step` on (its image size)."""
-    return _iterator(config, split=config.train_split,
-                     mode=_train_mode(config),
-                     global_batch_size=config.batch_size, seed=config.seed,
-                     image_size=image_size_at(config, step))
-
   # Input first: a missing dataset fails here, in seconds.
-  train_iter = train_iterator(1)
+  train_iter = create_train_iterator(config)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir or None,
                                     label_mode=config.label_mode)
   num_classes = info.num_classes
@@ -707,7 +730,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       async_save=config.async_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if image_size_at(config, start_step + 1) != image_size_at(config, 1):
-    train_iter = train_iterator(start_step + 1)  # Resuming after a resize.
+    train_iter = create_train_iterator(config, start_step + 1)  # Resized.
   if start_step:
     checkpoints.check_compatible(
         checkpointer.metadata(start_step), metadata,
@@ -749,7 +772,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics_log.truncate_after(start_step)
   bn_modules = batch_norm_modules(state.batch_stats)
   state = replicate(state)
-  p_train_step = pmap_train_step(model, tx, config, bn_modules)
+  p_train_step = pmap_train_step(model, tx, config, bn_modules,
+                                 learning_rate_fn)
   p_eval_step = pmap_eval_step(model, config)
 
   def run_eval(step: int) -> None:
@@ -765,21 +789,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics_log.write({"step": step, "split": config.eval_split,
                        "image_size": image_size, **results})
 
-  history: list[tuple[int, dict[str, jax.Array]]] = []
   last_checkpoint = start_step or None
+  # (step, time) of the last point where the host waited for the devices.
+  synced = (start_step, time.perf_counter())
 
-  def flush(step: int, interval_start: float, interval_steps: int) -> float:
-    """Checks NaN and logs the metrics accumulated since the last flush."""
-    host = [(s, unreplicate(m)) for s, m in history]
-    history.clear()
+  def flush(records: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    """Checks NaN and logs `records`, the metrics since the last flush.
+
+    Waits for the last step of `records`; the training rate is measured
+    between two such waits (the first interval includes compilation).
+    """
+    nonlocal synced
+    host = list(zip([s for s, _ in records],
+                    unreplicate([m for _, m in records])))
     check_finite(host, last_checkpoint)
-    now = time.perf_counter()
+    step, now = records[-1][0], time.perf_counter()
+    images_per_sec = ((step - synced[0]) * config.batch_size
+                      / max(now - synced[1], 1e-9))
+    synced = (step, now)
     summary = {k: float(np.mean([m[k] for _, m in host]))
                for k in ("loss", "weight_decay_loss", "total_loss",
                          "grad_norm")}
-    summary["learning_rate"] = float(learning_rate_fn(step - 1))
-    images_per_sec = (interval_steps * config.batch_size
-                      / max(now - interval_start, 1e-9))
+    summary["learning_rate"] = float(host[-1][1]["learning_rate"])
     # Images that failed to decode were skipped by the pipeline; a multi-day
     # run reports them instead of crashing (summed over all processes).
     failures = np.asarray(batches.decode_failures, np.int64)
@@ -795,41 +826,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("step %d/%d  loss %.4f  lr %.4g  %.1f img/s  eta %s", step,
                  total_steps, summary["loss"], summary["learning_rate"],
                  images_per_sec, _duration(remaining))
-    return now
 
+  log_every, eval_every = config.log_every_steps, config.eval_every_steps
   try:
     if config.eval_at_start and start_step == 0:
       run_eval(0)
+      synced = (start_step, time.perf_counter())
     batches = input_pipeline.prefetch_to_device(train_iter,
                                                 config.prefetch_to_device)
-    interval_start, interval_steps = time.perf_counter(), 0
+    image_size = image_size_at(config, start_step + 1)
+    history: list[tuple[int, dict[str, jax.Array]]] = []
+    # A logging interval's metrics are fetched, and a checkpoint handed to
+    # Orbax, only once the next step has been dispatched: the devices never
+    # idle while the host logs or starts a save.
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    to_save = None
     for step in range(start_step + 1, total_steps + 1):
-      if (step > start_step + 1
-          and image_size_at(config, step) != image_size_at(config, step - 1)):
+      if image_size_at(config, step) != image_size:
         # Progressive resizing: the same data position at the new size.
+        image_size = image_size_at(config, step)
         position = batches.get_state()
-        train_iter = train_iterator(step)
+        train_iter = create_train_iterator(config, step)
         train_iter.set_state(position)
         batches = input_pipeline.prefetch_to_device(
             train_iter, config.prefetch_to_device)
-        logging.info("step %d: training images now %d px.", step,
-                     image_size_at(config, step))
+        logging.info("step %d: training images now %d px.", step, image_size)
       state, step_metrics = p_train_step(state, next(batches))
       history.append((step, step_metrics))
-      interval_steps += 1
+      if pending:
+        flush(pending)
+        pending = []
+      if to_save:
+        checkpointer.save(*to_save)
+        last_checkpoint, to_save = to_save[0], None
       is_save = step % save_every == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or is_save:
-        # The first interval includes compilation (its img/s is lower).
-        interval_start = flush(step, interval_start, interval_steps)
-        interval_steps = 0
+      is_eval = eval_every > 0 and step % eval_every == 0
+      if is_save or is_eval:
+        # Both wait for this step anyway (its state), so log it now; a NaN
+        # stops the run before its state is saved or evaluated.
+        flush(history)
+        history = []
+      elif step % log_every == 0:
+        pending, history = history, []
       if is_save:
-        checkpointer.save(step, unreplicate(state), metadata,
-                          batches.get_state())
-        last_checkpoint = step
-      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
-          and step != total_steps):
+        # Copied now: the next step reuses (donates) the state's memory.
+        to_save = (step, unreplicate(state), metadata, batches.get_state())
+      if is_eval and step != total_steps:
         run_eval(step)
-        interval_start = time.perf_counter()  # Train rate excludes eval.
+        synced = (step, time.perf_counter())  # Train rate excludes eval.
+    if to_save:
+      checkpointer.save(*to_save)
     if total_steps > start_step:
       run_eval(total_steps)
   finally:

@@ -105,29 +105,33 @@ def pmapped():
   config = pretrain.get_config("smoke")
   config.schedule.base_lr = 0.05
   model = train.create_model(config, NUM_CLASSES)
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  lr_fn = train.create_learning_rate_fn(config)
+  tx = train.create_optimizer(config, lr_fn)
   state = train.create_train_state(jax.random.PRNGKey(0), config, model,
                                    IMAGE_SIZE, tx)
   step = train.pmap_train_step(model, tx, config,
-                               train.batch_norm_modules(state.batch_stats))
+                               train.batch_norm_modules(state.batch_stats),
+                               learning_rate_fn=lr_fn)
   rng = np.random.default_rng(1)
   batch = {
       "image": rng.integers(0, 256, (8, 2, IMAGE_SIZE, IMAGE_SIZE, 3),
                             dtype=np.uint8),
       "labels": (rng.random((8, 2, NUM_CLASSES)) < 0.3).astype(np.float32),
       "mask": np.ones((8, 2), np.float32)}
-  return state, step, batch
+  return state, step, batch, lr_fn
 
 
 @pytest.mark.slow
 def test_pmapped_steps_reduce_loss_and_keep_devices_in_sync(pmapped):
-  state, step, batch = pmapped
+  state, step, batch, lr_fn = pmapped
   replicated = train.replicate(state)
   losses = []
-  for _ in range(5):
+  for i in range(5):
     replicated, metrics = step(replicated, batch)
     host = train.unreplicate(metrics)
     assert host["finite"] == 1.0
+    # The rate this step applied (the schedule at the pre-step count).
+    assert host["learning_rate"] == pytest.approx(float(lr_fn(i)), rel=1e-6)
     losses.append(float(host["loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
   # Gradients and BN statistics are averaged: every device holds one state.
@@ -143,8 +147,25 @@ def test_pmapped_steps_reduce_loss_and_keep_devices_in_sync(pmapped):
                                 np.where(positive, 5.0, 0.0))
 
 
+def test_unreplicated_state_survives_the_next_donating_steps(pmapped):
+  """The loop copies the state for a checkpoint, then donates the device
+  buffers to the next step before Orbax writes: the copy must not change."""
+  state, step, batch, _ = pmapped
+  replicated, _ = step(train.replicate(state), batch)
+  saved = train.unreplicate(replicated)
+  want = jax.tree.map(np.array, saved)  # Independent copies.
+  for _ in range(2):
+    replicated, _ = step(replicated, batch)
+  after = train.unreplicate(replicated)
+  assert int(saved.step) == 1 and int(after.step) == 3
+  for got, expected in zip(jax.tree.leaves(saved), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, expected)
+  assert not np.array_equal(saved.params["logits"]["kernel"],
+                            after.params["logits"]["kernel"])
+
+
 def test_non_finite_step_is_not_applied(pmapped):
-  state, step, batch = pmapped
+  state, step, batch, _ = pmapped
   replicated = train.replicate(state)
   bad = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
   replicated, metrics = step(replicated, bad)
