@@ -381,16 +381,24 @@ def test_compiled_augment_matches_numpy_path_and_reference(
   assert str(info.value) == str(errors[0])
 
 
+def _write_random_pairs(tmp_path, rng: np.random.Generator, num_classes: int,
+                        num_pairs: int, confidences: list[float]):
+  """A co-occurrence pairs file of random (source, target, confidence)."""
+  path = tmp_path / "pairs.tsv"
+  path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
+      f"{s}\t{t}\t{c}\n" for s, t, c in zip(
+          rng.integers(0, num_classes, num_pairs),
+          rng.integers(0, num_classes, num_pairs),
+          rng.choice(confidences, num_pairs))))
+  return path
+
+
 def test_compiled_augment_many_labels_pairs_and_full_tables(tmp_path):
   """Closures of > 64 labels (sorted by np.sort), co-occurrence pairs, more
   deferred lines than one kernel call holds, more values than its table."""
   tree = random_forest_tree(8, 400)
   rng = np.random.default_rng(9)
-  pairs_path = tmp_path / "pairs.tsv"
-  pairs_path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
-      f"{s}\t{t}\t{c}\n" for s, t, c in zip(
-          rng.integers(0, 400, 300), rng.integers(0, 400, 300),
-          rng.choice([0.5, 0.7, 0.95], 300))))
+  pairs_path = _write_random_pairs(tmp_path, rng, 400, 300, [0.5, 0.7, 0.95])
   pairs = labels.load_cooccurrence_pairs(pairs_path, 400)
   lines = []
   for n in range(12000):
@@ -452,11 +460,7 @@ def test_compiled_augment_real_hierarchy(real_hierarchy_path, tmp_path):
 def test_augment_one_row_matches_batch_path(tmp_path):
   tree = random_forest_tree(5, 300)
   rng = np.random.default_rng(6)
-  pairs_path = tmp_path / "pairs.tsv"
-  pairs_path.write_text("source_index\ttarget_index\tconfidence\n" + "".join(
-      f"{s}\t{t}\t{c}\n" for s, t, c in zip(
-          rng.integers(0, 300, 200), rng.integers(0, 300, 200),
-          rng.choice([0.5, 0.7, 0.9], 200))))
+  pairs_path = _write_random_pairs(tmp_path, rng, 300, 200, [0.5, 0.7, 0.9])
   pairs = labels.load_cooccurrence_pairs(pairs_path, 300)
   rows = random_rows(rng, 1000, 300)
   indptr = np.concatenate([[0], np.cumsum([len(i) for _, i, _ in rows])])
