@@ -16,8 +16,9 @@ including the build)::
 
   python main.py --config=configs/pretrain.py:demo --workdir=/tmp/mlimages_demo
 
-Expected result (measured: 191 s wall, 131 s CPU, on 2 CPU cores shared with
-other jobs (load average 8), build included): validation mAP 0.150 at step 0
+Expected result (measured, build included: 77 s wall on 2 quiet CPU cores;
+191 s wall on 2 cores shared with other jobs at load average 8): validation
+mAP 0.150 at step 0
 and 0.699 at step 1200 (the eval lines of ``/tmp/mlimages_demo/metrics.jsonl``;
 ``mlimages evaluate`` gives 0.80 / 0.71 / 0.69 / 0.69 per hierarchy depth,
 roots to leaves).
