@@ -886,9 +886,9 @@ def augment_file(hierarchy: Hierarchy, input_path: PathLike,
   most one per `_MIN_CHUNKS_PER_WORKER` chunks of the file: starting a
   process costs about as much as augmenting those), each with its own
   augmenter, and written in input order; at most two chunks per worker are
-  in flight, so memory stays bounded. The output appears only when the whole input was
-  processed (atomic), so a killed run leaves nothing half-written and is
-  simply run again. A `.gz` output path is compressed.
+  in flight, so memory stays bounded. The output appears only when the whole
+  input was processed (atomic), so a killed run leaves nothing half-written
+  and is simply run again. A `.gz` output path is compressed.
   """
   if compiled is None:
     compiled = importlib.util.find_spec("numba") is not None
@@ -934,11 +934,12 @@ def _augment_in_workers(hierarchy: Hierarchy, options: dict,
   path holds the GIL: processes. A process that dies (killed, out of
   memory) fails the run with `BrokenProcessPool` instead of hanging it.
   """
-  pool = (concurrent.futures.ThreadPoolExecutor if options["compiled"] else
-          functools.partial(concurrent.futures.ProcessPoolExecutor,
-                            mp_context=multiprocessing.get_context("spawn")))
-  with pool(workers, initializer=_start_worker,
-            initargs=(hierarchy, options)) as pool:
+  executor = (concurrent.futures.ThreadPoolExecutor if options["compiled"]
+              else functools.partial(
+                  concurrent.futures.ProcessPoolExecutor,
+                  mp_context=multiprocessing.get_context("spawn")))
+  with executor(workers, initializer=_start_worker,
+                initargs=(hierarchy, options)) as pool:
     pending = collections.deque()
     lineno = 1
     for chunk, position in chunks:
