@@ -41,16 +41,16 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Imported here so that --help and flag errors return at once.
-  from mlimages_jax import checkpoints
-  from mlimages_jax import input_pipeline
+  from mlimages_jax.checkpoints import store
+  from mlimages_jax.inputs import pipeline
   from mlimages_jax import train
 
   train.initialize_distributed(FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, checkpoints.CheckpointError,
-          input_pipeline.DatasetNotBuiltError, FloatingPointError) as e:
+  except (train.ConfigError, store.CheckpointError,
+          pipeline.DatasetNotBuiltError, FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from mlimages_jax import metrics
+from mlimages_jax.evaluation import metrics
 
 
 def make_problem(images: int, classes: int, seed: int = 0):
@@ -115,7 +115,7 @@ def main() -> None:
         f"mAP {np.nanmean(ours):.6f}, max |ours - sklearn| {max_diff:.2e}")
   print(f"scikit-learn per-class loop: {sklearn_s:8.2f} s"
         + (f" (extrapolated from {base} classes)" if base < args.classes else ""))
-  print(f"mlimages_jax.metrics:        {ours_s:8.2f} s "
+  print(f"mlimages_jax.evaluation.metrics:        {ours_s:8.2f} s "
         f"(best of {args.repeats}, {os.cpu_count()} CPU threads; "
         f"{one_thread_s:.2f} s on 1 thread, "
         f"{sklearn_s / one_thread_s:.1f}x)")

@@ -6,7 +6,7 @@ times, alternately in the same run:
 
 * reference: a minimal tf.data pipeline over the same TFRecord shards: read ->
   random crop with `decode_and_crop_jpeg` -> resize -> flip -> batch;
-* full: `input_pipeline.create_input_iterator(mode="pretrain")` with its
+* full: `pipeline.create_input_iterator(mode="pretrain")` with its
   defaults: sharding, file and example shuffling, crop, flip, rotation on 1/3
   of the images, dense labels, uint8 device-shaped batches, resumable
   positions, and the colour parameters (on 2/3 of the images) drawn and
@@ -52,8 +52,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlimages_jax import input_pipeline  # noqa: E402
-from mlimages_jax import preprocessing  # noqa: E402
+from mlimages_jax.inputs import pipeline  # noqa: E402
+from mlimages_jax.inputs import preprocessing  # noqa: E402
 
 NUM_CLASSES = 11_166
 H200_IMAGES_PER_SECOND = 3_000
@@ -188,7 +188,7 @@ def main() -> None:
   num_batches = max(1, args.images_per_round // args.batch_size)
   warmup = 4
   def full_pipeline(seed, overrides):
-    return input_pipeline.create_input_iterator(
+    return pipeline.create_input_iterator(
         dataset="bench_images", data_dir=data_dir, split="train",
         global_batch_size=args.batch_size, image_size=args.image_size,
         mode="pretrain", label_mode="multi", seed=seed, preprocess=overrides,

@@ -62,8 +62,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mlimages_jax import labels
-from mlimages_jax.hierarchy import Hierarchy
+from mlimages_jax.data import labels
+from mlimages_jax.data.hierarchy import Hierarchy
 
 DEFAULT_SHARED = pathlib.Path(os.environ.get(
     "MLIMAGES_SHARED_DIR",
@@ -184,7 +184,7 @@ def first_call_s(hierarchy_file: pathlib.Path, path: pathlib.Path,
   """
   code = ("import sys, time\n"
           "from mlimages_jax import labels\n"
-          "from mlimages_jax.hierarchy import Hierarchy\n"
+          "from mlimages_jax.data.hierarchy import Hierarchy\n"
           "tree = Hierarchy.from_file(sys.argv[1])\n"
           "cpu = time.process_time()\n"
           "labels.augment_file(tree, sys.argv[2], sys.argv[3])\n"
@@ -203,7 +203,7 @@ def peak_rss_mb(hierarchy_file: pathlib.Path, path: pathlib.Path,
   code = (
       "import re, resource, sys\n"
       "from mlimages_jax import labels\n"
-      "from mlimages_jax.hierarchy import Hierarchy\n"
+      "from mlimages_jax.data.hierarchy import Hierarchy\n"
       "tree = Hierarchy.from_file(sys.argv[1])\n"
       "labels.augment_file(tree, sys.argv[2], sys.argv[3], workers=1)\n"
       "try:\n"

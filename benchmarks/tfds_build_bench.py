@@ -26,7 +26,7 @@ from PIL import Image
 import tensorflow as tf  # noqa: F401  (imported up front, not in the timing)
 import tensorflow_datasets as tfds
 
-from mlimages_jax import synthetic
+from mlimages_jax.data import synthetic
 from tfds_builder.ml_images import create_dummy_data as dummy
 from tfds_builder.ml_images import ml_images_dataset_builder as mib
 

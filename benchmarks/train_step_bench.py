@@ -234,7 +234,7 @@ def _random_batch(config, num_classes: int,
                   devices: int) -> dict[str, np.ndarray]:
   """A batch shaped like the pipeline's (uint8 pixels, 1% positive labels,
   per-image colour parameters: each colour order a third of the images)."""
-  from mlimages_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.inputs import preprocessing  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   shape = (devices, config.batch_size // devices)
   colour = np.tile(np.array([[0, 0, 1, 0, 1], [1, 0.05, 1.2, 0.02, 0.9],

@@ -35,7 +35,7 @@ step 75k.
 
 Demo (CPU, a few minutes): fine-tunes the pre-training demo's checkpoint on the
 single-label synthetic task (6 classes: the shape of an image's dominant
-object, see mlimages_jax/synthetic.py), and the same run from scratch::
+object, see mlimages_jax/data/synthetic.py), and the same run from scratch::
 
   python main.py --config=configs/pretrain.py:demo --workdir=/tmp/mlimages_demo
   python main.py --config=configs/finetune_imagenet.py:demo \

@@ -58,12 +58,12 @@ import optax
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from mlimages_jax import checkpoints
+from mlimages_jax.checkpoints import store
 from mlimages_jax import fileio
-from mlimages_jax import input_pipeline
+from mlimages_jax.inputs import pipeline
 from mlimages_jax import losses
-from mlimages_jax import metrics as metrics_lib
-from mlimages_jax import preprocessing
+from mlimages_jax.evaluation import metrics as metrics_lib
+from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 
 AXIS_NAME = "batch"
@@ -563,7 +563,7 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 def _iterator(config: ml_collections.ConfigDict, *, split: str, mode: str,
               global_batch_size: int, seed: int, image_size: int) -> Any:
-  return input_pipeline.create_input_iterator(
+  return pipeline.create_input_iterator(
       dataset=config.dataset, data_dir=config.data_dir or None, split=split,
       global_batch_size=global_batch_size, image_size=image_size,
       mode=mode, label_mode=config.label_mode, seed=seed,
@@ -602,7 +602,7 @@ def evaluate(p_eval_step: Callable, state: TrainState,
   if config.num_eval_examples > 0:
     num_batches = min(num_batches, math.ceil(config.num_eval_examples
                                              / config.eval_batch_size))
-  batches = input_pipeline.prefetch_to_device(iterator, 2)
+  batches = pipeline.prefetch_to_device(iterator, 2)
   scores, labels, masks = [], [], []
   for batch in itertools.islice(batches, num_batches):
     scores.append(p_eval_step(state, batch))
@@ -633,7 +633,7 @@ def load_backbone(path: str, config: ml_collections.ConfigDict,
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Pre-trained ``(params, batch_stats)`` for everything but the head.
 
-  `path` is anything `checkpoints.load_for_inference` reads (a pre-training
+  `path` is anything `store.load_for_inference` reads (a pre-training
   workdir, a step directory, a converted inference checkpoint). The backbone
   must match the config's exactly (the checkpoint metadata is checked first,
   then every variable's shape, against `abstract_variables` from
@@ -641,9 +641,9 @@ def load_backbone(path: str, config: ml_collections.ConfigDict,
   the class count may differ since the head is re-initialised.
   """
   try:
-    variables, metadata = checkpoints.load_for_inference(path)
-  except checkpoints.CheckpointError as e:
-    raise checkpoints.CheckpointError(
+    variables, metadata = store.load_for_inference(path)
+  except store.CheckpointError as e:
+    raise store.CheckpointError(
         f"config.init_checkpoint: {e}. Give a pre-training workdir or a "
         f"converted checkpoint; e.g. make the demo's with: python main.py "
         f"--config=configs/pretrain.py:demo --workdir={path}") from e
@@ -666,7 +666,7 @@ def load_backbone(path: str, config: ml_collections.ConfigDict,
           problems.append(f"{collection}/{'/'.join(key)}: checkpoint "
                           f"{got[key].shape}, model {want[key].shape}")
   if problems:
-    raise checkpoints.CheckpointError(
+    raise store.CheckpointError(
         f"{path}: the backbone does not match the config: "
         + "; ".join(problems[:10])
         + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
@@ -715,24 +715,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # Input first: a missing dataset fails here, in seconds.
   train_iter = create_train_iterator(config)
-  info = input_pipeline.dataset_info(config.dataset, config.data_dir or None,
+  info = pipeline.dataset_info(config.dataset, config.data_dir or None,
                                     label_mode=config.label_mode)
   num_classes = info.num_classes
-  metadata = checkpoints.make_metadata(
+  metadata = store.make_metadata(
       depth=config.model.depth, num_classes=num_classes,
       width_multiplier=config.model.width_multiplier,
       image_size=image_size_at(config, total_steps),
       label_mode=config.label_mode, class_ids=info.class_ids,
       class_names=info.class_names)
 
-  checkpointer = checkpoints.TrainCheckpointer(
+  checkpointer = store.TrainCheckpointer(
       workdir, keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if image_size_at(config, start_step + 1) != image_size_at(config, 1):
     train_iter = create_train_iterator(config, start_step + 1)  # Resized.
   if start_step:
-    checkpoints.check_compatible(
+    store.check_compatible(
         checkpointer.metadata(start_step), metadata,
         f"{checkpointer.directory / str(start_step)}")
 
@@ -832,7 +832,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if config.eval_at_start and start_step == 0:
       run_eval(0)
       synced = (start_step, time.perf_counter())
-    batches = input_pipeline.prefetch_to_device(train_iter,
+    batches = pipeline.prefetch_to_device(train_iter,
                                                 config.prefetch_to_device)
     image_size = image_size_at(config, start_step + 1)
     history: list[tuple[int, dict[str, jax.Array]]] = []
@@ -848,7 +848,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         position = batches.get_state()
         train_iter = create_train_iterator(config, step)
         train_iter.set_state(position)
-        batches = input_pipeline.prefetch_to_device(
+        batches = pipeline.prefetch_to_device(
             train_iter, config.prefetch_to_device)
         logging.info("step %d: training images now %d px.", step, image_size)
       state, step_metrics = p_train_step(state, next(batches))

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mlimages_jax import checkpoints
+from mlimages_jax.checkpoints import store
 from mlimages_jax import losses
 from mlimages_jax import train
 
@@ -17,7 +17,7 @@ NUM_CLASSES = 3
 
 
 def _metadata(num_classes: int = NUM_CLASSES, depth: int = 14) -> dict:
-  return checkpoints.make_metadata(
+  return store.make_metadata(
       depth=depth, num_classes=num_classes, width_multiplier=0.25,
       image_size=32, label_mode="multi",
       class_ids=[f"n{i:08d}" for i in range(num_classes)],
@@ -58,7 +58,7 @@ def _assert_trees_equal(a, b):
 
 
 def test_round_trip_with_loss_and_iterator_state_keeps_last_k(tmp_path):
-  checkpointer = checkpoints.TrainCheckpointer(tmp_path, keep=2)
+  checkpointer = store.TrainCheckpointer(tmp_path, keep=2)
   for step in (3, 6, 9):
     checkpointer.save(step, _state(step), _metadata(),
                       f"iterator at {step}\x00\xff".encode("latin-1"))
@@ -69,7 +69,7 @@ def test_round_trip_with_loss_and_iterator_state_keeps_last_k(tmp_path):
   checkpointer.close()
 
   # A fresh manager (a restarted process) finds and restores everything.
-  reopened = checkpoints.TrainCheckpointer(tmp_path, keep=2)
+  reopened = store.TrainCheckpointer(tmp_path, keep=2)
   assert reopened.latest_step() == 9
   metadata = reopened.metadata(9)
   assert metadata == dict(_metadata(), step=9)
@@ -81,7 +81,7 @@ def test_round_trip_with_loss_and_iterator_state_keeps_last_k(tmp_path):
 
 
 def test_checkpoint_without_iterator_state(tmp_path):
-  checkpointer = checkpoints.TrainCheckpointer(tmp_path, async_save=False)
+  checkpointer = store.TrainCheckpointer(tmp_path, async_save=False)
   checkpointer.save(1, _state(1), _metadata(), None)
   restored, position = checkpointer.restore(1, _state(0))
   assert position is None
@@ -94,53 +94,53 @@ def test_checkpoint_without_iterator_state(tmp_path):
     (dict(depth=26), "model.depth: checkpoint 14, config 26"),
 ])
 def test_incompatible_checkpoint_is_rejected(changes, message):
-  with pytest.raises(checkpoints.CheckpointError, match=message):
-    checkpoints.check_compatible(_metadata(), _metadata(**changes), "ckpt/7")
+  with pytest.raises(store.CheckpointError, match=message):
+    store.check_compatible(_metadata(), _metadata(**changes), "ckpt/7")
 
 
 def test_same_count_different_classes_is_rejected():
   other = _metadata()
   other["classes"]["ids"] = list(reversed(other["classes"]["ids"]))
-  with pytest.raises(checkpoints.CheckpointError, match="class ids differ"):
-    checkpoints.check_compatible(_metadata(), other, "ckpt/7")
-  checkpoints.check_compatible(_metadata(), dict(_metadata(), image_size=64),
+  with pytest.raises(store.CheckpointError, match="class ids differ"):
+    store.check_compatible(_metadata(), other, "ckpt/7")
+  store.check_compatible(_metadata(), dict(_metadata(), image_size=64),
                                "ckpt/7")  # Image size may change.
 
 
 def test_malformed_metadata_is_rejected():
   broken = _metadata()
   broken["classes"]["names"] = broken["classes"]["names"][:-1]
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(store.CheckpointError,
                      match=r"x: 3 class ids and 2 names for 3 classes"):
-    checkpoints.validate_metadata(broken, "x")
-  with pytest.raises(checkpoints.CheckpointError, match="not an mlimages-jax"):
-    checkpoints.validate_metadata({"format": "other"}, "x")
+    store.validate_metadata(broken, "x")
+  with pytest.raises(store.CheckpointError, match="not an mlimages-jax"):
+    store.validate_metadata({"format": "other"}, "x")
 
 
 def test_load_for_inference_reads_training_checkpoints(tmp_path):
-  checkpointer = checkpoints.TrainCheckpointer(tmp_path)
+  checkpointer = store.TrainCheckpointer(tmp_path)
   for step in (4, 8):
     checkpointer.save(step, _state(step), _metadata(), b"pos")
   checkpointer.close()
   expected = _state(8)
   for path in (tmp_path, tmp_path / "checkpoints",
                tmp_path / "checkpoints" / "8"):
-    variables, metadata = checkpoints.load_for_inference(path)
+    variables, metadata = store.load_for_inference(path)
     assert metadata["step"] == 8
     _assert_trees_equal(variables, {"params": expected.params,
                                     "batch_stats": expected.batch_stats})
-  variables, metadata = checkpoints.load_for_inference(
+  variables, metadata = store.load_for_inference(
       tmp_path / "checkpoints" / "4")
   assert metadata["step"] == 4
   _assert_trees_equal(variables["params"], _state(4).params)
 
 
 def test_load_for_inference_accepts_relative_paths(tmp_path, monkeypatch):
-  checkpointer = checkpoints.TrainCheckpointer(tmp_path / "run")
+  checkpointer = store.TrainCheckpointer(tmp_path / "run")
   checkpointer.save(3, _state(3), _metadata(), b"pos")
   checkpointer.close()
   monkeypatch.chdir(tmp_path)
-  variables, metadata = checkpoints.load_for_inference("run")
+  variables, metadata = store.load_for_inference("run")
   assert metadata["step"] == 3
   _assert_trees_equal(variables["params"], _state(3).params)
 
@@ -148,30 +148,30 @@ def test_load_for_inference_accepts_relative_paths(tmp_path, monkeypatch):
 def test_inference_checkpoint_round_trip_is_atomic(tmp_path):
   state = _state(5)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  path = checkpoints.save_inference_checkpoint(tmp_path / "model", variables,
+  path = store.save_inference_checkpoint(tmp_path / "model", variables,
                                                _metadata())
-  loaded, metadata = checkpoints.load_for_inference(path)
+  loaded, metadata = store.load_for_inference(path)
   _assert_trees_equal(loaded, variables)
   assert metadata == _metadata()
-  assert json.loads((path / checkpoints.INFERENCE_METADATA_FILE).read_text()
+  assert json.loads((path / store.INFERENCE_METADATA_FILE).read_text()
                     )["model"]["num_classes"] == NUM_CLASSES
-  with pytest.raises(checkpoints.CheckpointError, match="exists"):
-    checkpoints.save_inference_checkpoint(path, variables, _metadata())
+  with pytest.raises(store.CheckpointError, match="exists"):
+    store.save_inference_checkpoint(path, variables, _metadata())
   replacement = {"params": _state(6).params,
                  "batch_stats": _state(6).batch_stats}
-  checkpoints.save_inference_checkpoint(path, replacement, _metadata(),
+  store.save_inference_checkpoint(path, replacement, _metadata(),
                                         overwrite=True)
-  _assert_trees_equal(checkpoints.load_for_inference(path)[0], replacement)
+  _assert_trees_equal(store.load_for_inference(path)[0], replacement)
   # No temporary directories are left behind.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_load_for_inference_errors(tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint"):
-    checkpoints.load_for_inference(tmp_path / "missing")
+  with pytest.raises(store.CheckpointError, match="no such checkpoint"):
+    store.load_for_inference(tmp_path / "missing")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint here"):
-    checkpoints.load_for_inference(tmp_path / "empty")
-  with pytest.raises(checkpoints.CheckpointError, match="must be exactly"):
-    checkpoints.save_inference_checkpoint(
+  with pytest.raises(store.CheckpointError, match="no checkpoint here"):
+    store.load_for_inference(tmp_path / "empty")
+  with pytest.raises(store.CheckpointError, match="must be exactly"):
+    store.save_inference_checkpoint(
         tmp_path / "x", {"params": {}}, _metadata())

@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from mlimages_jax import cooccurrence, labels
+from mlimages_jax.data import cooccurrence
+from mlimages_jax.data import labels
 from mlimages_jax.cli import main
-from mlimages_jax.hierarchy import HEADER, Hierarchy
+from mlimages_jax.data.hierarchy import HEADER, Hierarchy
 
 # 5 "thing" -> 0 "animal" -> {2 "dog", 3 "cat"}; 2 -> 1 "puppy"; 4 -> 6.
 ROWS = [(0, "n0", 5, "animal"), (1, "n1", 2, "puppy"), (2, "n2", 0, "dog"),

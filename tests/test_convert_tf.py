@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.convert_tf and ``mlimages convert-tf-checkpoint``.
+"""Tests for mlimages_jax.checkpoints.convert_tf and ``mlimages convert-tf-checkpoint``.
 
 The reference is a TensorFlow 1 graph of the §6 network written here, with the
 original's variable scopes (``tf.layers`` inside ``tf.variable_scope`` gives
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mlimages_jax import checkpoints
+from mlimages_jax.checkpoints import store
 from mlimages_jax import cli
-from mlimages_jax import convert_tf
+from mlimages_jax.checkpoints import convert_tf
 from mlimages_jax.models import resnet
 
 tf1 = tf.compat.v1
@@ -165,7 +165,7 @@ def test_converted_model_matches_tensorflow(tf_checkpoint, photos, tmp_path):
                  "--dictionary", str(dictionary), "--depth", "14",
                  "--num-classes", str(NUM_CLASSES)])
   assert rc == 0
-  variables, metadata = checkpoints.load_for_inference(out)
+  variables, metadata = store.load_for_inference(out)
   assert metadata["model"] == {"depth": 14, "num_classes": NUM_CLASSES,
                                "width_multiplier": WIDTH}
   assert metadata["label_mode"] == "multi"

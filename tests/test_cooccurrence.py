@@ -1,13 +1,13 @@
-"""Tests for mlimages_jax.cooccurrence: matrix, rules, TSV, expansion."""
+"""Tests for mlimages_jax.data.cooccurrence: matrix, rules, TSV, expansion."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mlimages_jax import cooccurrence as cooc
-from mlimages_jax import labels
-from mlimages_jax.hierarchy import Hierarchy
+from mlimages_jax.data import cooccurrence as cooc
+from mlimages_jax.data import labels
+from mlimages_jax.data.hierarchy import Hierarchy
 
 NUM_CLASSES = 40
 COLUMNS = np.array([30, 31, 32, 33, 34, 35, 2, 1], np.int32)  # 8 score columns.

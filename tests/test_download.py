@@ -387,7 +387,7 @@ def test_shards_download_disjoint_parts(server, tmp_path):
 
 
 def test_invalid_lines_error_or_skip(server, tmp_path):
-  from mlimages_jax import labels
+  from mlimages_jax.data import labels
   lst = tmp_path / "urls.txt"
   good = server.image("/v/f/a.jpg", make_jpeg(0))
   lst.write_text(f"{good} 1:0.5\n{server.url('/v/f/b.jpg')} 3:2.5\n")

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mlimages_jax import labels as labels_lib
-from mlimages_jax import synthetic
+from mlimages_jax.data import labels as labels_lib
+from mlimages_jax.data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (split, Open Images images, ImageNet images): 32 + 16 training images.

@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.evaluate on tiny TFDS datasets built here.
+"""Tests for mlimages_jax.evaluation.evaluator on tiny TFDS datasets built here.
 
 The evaluation's numbers are compared with references computed from the same
 network applied directly to the same evaluation preprocessing: AP with
@@ -24,10 +24,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from mlimages_jax import checkpoints
-from mlimages_jax import evaluate
-from mlimages_jax import metrics
-from mlimages_jax import preprocessing
+from mlimages_jax.checkpoints import store
+from mlimages_jax.evaluation import evaluator
+from mlimages_jax.evaluation import metrics
+from mlimages_jax.inputs import preprocessing
 from mlimages_jax.cli import main as cli_main
 from mlimages_jax.models import resnet
 
@@ -126,8 +126,8 @@ def checkpoint_dirs(tmp_path_factory) -> dict[str, str]:
   paths = {}
   for mode in ("multi", "single"):
     path = tmp_path_factory.mktemp("ckpt") / mode
-    checkpoints.save_inference_checkpoint(
-        path, tiny_variables(), checkpoints.make_metadata(
+    store.save_inference_checkpoint(
+        path, tiny_variables(), store.make_metadata(
             depth=14, num_classes=NUM_CLASSES, width_multiplier=WIDTH,
             image_size=32, label_mode=mode, class_ids=WNIDS,
             class_names=NAMES, step=11))
@@ -184,11 +184,11 @@ def reference_top_k(logits: np.ndarray, labels: np.ndarray, k: int):
 def test_multi_label_metrics_equal_reference(data_dir, checkpoint_dirs,
                                              tmp_path):
   workdir = tmp_path / "eval"
-  results = evaluate.evaluate_checkpoint(
+  results = evaluator.evaluate_checkpoint(
       checkpoint_dirs["multi"], dataset="eval_tiny_multi", data_dir=data_dir,
       split="validation", image_size=32, batch_size=8, workdir=workdir,
       top_k=(1, 3), progress=False)
-  written = json.loads((workdir / evaluate.RESULTS_FILE).read_text())
+  written = json.loads((workdir / evaluator.RESULTS_FILE).read_text())
   assert written == {k: v for k, v in results.items() if k != "path"}
   assert written["step"] == 11 and written["label_mode"] == "multi"
   r = written["results"]["32"]
@@ -232,7 +232,7 @@ def test_single_label_top1_top5_at_two_sizes_via_cli(data_dir, checkpoint_dirs,
                    "--no-progress"])
   assert code == 0
   printed = json.loads(capsys.readouterr().out)
-  written = json.loads((workdir / evaluate.RESULTS_FILE).read_text())
+  written = json.loads((workdir / evaluator.RESULTS_FILE).read_text())
   assert set(written["results"]) == {"32", "64"}
   assert printed["results"] == written["results"]
   for size in (32, 64):
@@ -249,17 +249,17 @@ def test_mismatched_checkpoint_and_dataset(data_dir, checkpoint_dirs, tmp_path,
                                            capsys):
   other = tmp_path / "other"
   variables = tiny_variables()
-  checkpoints.save_inference_checkpoint(
-      other, variables, checkpoints.make_metadata(
+  store.save_inference_checkpoint(
+      other, variables, store.make_metadata(
           depth=14, num_classes=NUM_CLASSES, width_multiplier=WIDTH,
           image_size=32, label_mode="multi", class_ids=WNIDS[::-1],
           class_names=NAMES[::-1]))
-  with pytest.raises(evaluate.EvaluationError, match="order their classes"):
-    evaluate.evaluate_checkpoint(other, dataset="eval_tiny_multi",
+  with pytest.raises(evaluator.EvaluationError, match="order their classes"):
+    evaluator.evaluate_checkpoint(other, dataset="eval_tiny_multi",
                                  data_dir=data_dir, workdir=tmp_path / "w",
                                  batch_size=8, progress=False)
-  with pytest.raises(evaluate.EvaluationError, match="not divisible"):
-    evaluate.evaluate_checkpoint(checkpoint_dirs["multi"],
+  with pytest.raises(evaluator.EvaluationError, match="not divisible"):
+    evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
                                  dataset="eval_tiny_multi", data_dir=data_dir,
                                  workdir=tmp_path / "w", batch_size=12)
   # A multi-label checkpoint on a dataset without multi-label targets.
@@ -272,7 +272,7 @@ def test_mismatched_checkpoint_and_dataset(data_dir, checkpoint_dirs, tmp_path,
                    str(tmp_path / "empty"), "--batch-size", "8",
                    "--workdir", str(tmp_path / "w")]) == 1
   assert "tfds build" in capsys.readouterr().err
-  assert not (tmp_path / "w" / evaluate.RESULTS_FILE).exists()
+  assert not (tmp_path / "w" / evaluator.RESULTS_FILE).exists()
 
 
 def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
@@ -280,10 +280,10 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
   """Killed after 2 saved batches, a rerun evaluates only the rest."""
   kwargs = dict(dataset="eval_tiny_multi", data_dir=data_dir, batch_size=8,
                 save_every=1, progress=False)
-  reference = evaluate.evaluate_checkpoint(
+  reference = evaluator.evaluate_checkpoint(
       checkpoint_dirs["multi"], workdir=tmp_path / "ref", **kwargs)
   assert [p.name for p in (tmp_path / "ref").iterdir()] == [
-      evaluate.RESULTS_FILE]  # Progress and spilled scores are cleaned up.
+      evaluator.RESULTS_FILE]  # Progress and spilled scores are cleaned up.
   updates = []
   real_update = metrics.MultiLabelAccumulator.update
 
@@ -296,17 +296,17 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
   monkeypatch.setattr(metrics.MultiLabelAccumulator, "update",
                       dies_on_third_batch)
   with pytest.raises(KeyboardInterrupt):
-    evaluate.evaluate_checkpoint(checkpoint_dirs["multi"],
+    evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
                                  workdir=tmp_path / "w", **kwargs)
-  assert not (tmp_path / "w" / evaluate.RESULTS_FILE).exists()
+  assert not (tmp_path / "w" / evaluator.RESULTS_FILE).exists()
   updates.clear()
-  resumed = evaluate.evaluate_checkpoint(checkpoint_dirs["multi"],
+  resumed = evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
                                          workdir=tmp_path / "w", **kwargs)
   assert len(updates) == 1  # 3 batches of 8 for 21 examples: 2 were saved.
   for key in ("num_examples", "map", "map_by_depth", "top1", "top5",
               "per_class", "decode_failures"):
     assert resumed["results"]["32"][key] == reference["results"]["32"][key]
-  assert not (tmp_path / "w" / evaluate.PROGRESS_DIR).exists()
+  assert not (tmp_path / "w" / evaluator.PROGRESS_DIR).exists()
 
 
 def _worker(out: str, data_dir: str, checkpoint: str, process_id: int,
@@ -317,7 +317,7 @@ def _worker(out: str, data_dir: str, checkpoint: str, process_id: int,
     train.initialize_distributed(f"127.0.0.1:{port}", num_processes,
                                  process_id)
   assert jax.device_count() == 4
-  evaluate.evaluate_checkpoint(checkpoint, dataset="eval_tiny_multi",
+  evaluator.evaluate_checkpoint(checkpoint, dataset="eval_tiny_multi",
                                data_dir=data_dir, batch_size=8, workdir=out,
                                progress=False)
 
@@ -334,7 +334,7 @@ def _run_workers(tmp: pathlib.Path, data_dir: str, checkpoint: str,
       [sys.executable, __file__, str(out), data_dir, checkpoint, str(i),
        str(num_processes), str(port)], env=env) for i in range(num_processes)]
   assert [w.wait(timeout=300) for w in workers] == [0] * num_processes
-  result = json.loads((out / evaluate.RESULTS_FILE).read_text())["results"]
+  result = json.loads((out / evaluator.RESULTS_FILE).read_text())["results"]
   for r in result.values():
     del r["seconds"], r["images_per_second"]
   return result

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlimages_jax import checkpoints
-from mlimages_jax import input_pipeline
+from mlimages_jax.checkpoints import store
+from mlimages_jax.inputs import pipeline
 from mlimages_jax import losses
 from mlimages_jax import train
 
@@ -83,12 +83,12 @@ def pretrained(tmp_path_factory) -> tuple[pathlib.Path, train.TrainState]:
   statistics are not the init values, written by the real checkpointer."""
   workdir = tmp_path_factory.mktemp("pretrain")
   state = _random_state(pretrain.get_config("smoke"), PRETRAIN_CLASSES, 7)
-  metadata = checkpoints.make_metadata(
+  metadata = store.make_metadata(
       depth=14, num_classes=PRETRAIN_CLASSES, width_multiplier=0.125,
       image_size=32, label_mode="multi",
       class_ids=[f"c{i}" for i in range(PRETRAIN_CLASSES)],
       class_names=[f"n{i}" for i in range(PRETRAIN_CLASSES)])
-  checkpointer = checkpoints.TrainCheckpointer(workdir, async_save=False)
+  checkpointer = store.TrainCheckpointer(workdir, async_save=False)
   checkpointer.save(3, state, metadata, None)
   checkpointer.close()
   return workdir, jax.device_get(state)
@@ -119,7 +119,7 @@ def test_head_is_reinitialised_and_the_rest_restored_exactly(pretrained):
 def test_missing_checkpoint_names_the_command_to_make_it(tmp_path):
   config = finetune_imagenet.get_config("smoke")
   model = train.create_model(config, SINGLE_CLASSES)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(store.CheckpointError,
                      match=r"python main.py --config=configs/pretrain.py:demo"
                      r" --workdir=.*nowhere"):
     train.load_backbone(str(tmp_path / "nowhere"), config,
@@ -130,7 +130,7 @@ def test_missing_checkpoint_names_the_command_to_make_it(tmp_path):
 def data_dir(tmp_path_factory) -> pathlib.Path:
   """ml_images/synthetic, built once for this module."""
   path = tmp_path_factory.mktemp("tfds")
-  input_pipeline.load_builder("ml_images/synthetic", str(path),
+  pipeline.load_builder("ml_images/synthetic", str(path),
                               build_if_missing=True)
   return path
 
@@ -161,7 +161,7 @@ def test_mismatched_backbone_fails_before_compiling(
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    with pytest.raises(checkpoints.CheckpointError,
+    with pytest.raises(store.CheckpointError,
                        match=r"backbone does not match the config: " + message):
       train.train_and_evaluate(config, tmp_path / "work")
   finally:
@@ -175,15 +175,15 @@ def test_shape_mismatch_in_a_converted_checkpoint_is_listed(tmp_path):
   wide = finetune_imagenet.get_config("smoke")
   wide.model.width_multiplier = 0.25
   state = _random_state(wide, SINGLE_CLASSES, 0)
-  metadata = checkpoints.make_metadata(
+  metadata = store.make_metadata(
       depth=14, num_classes=SINGLE_CLASSES, width_multiplier=0.125,
       image_size=32, label_mode="single",
       class_ids=list("abcdef"), class_names=list("abcdef"))
-  path = checkpoints.save_inference_checkpoint(
+  path = store.save_inference_checkpoint(
       tmp_path / "converted",
       {"params": state.params, "batch_stats": state.batch_stats}, metadata)
   model = train.create_model(config, SINGLE_CLASSES)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(store.CheckpointError,
                      match=r"params/init_conv/kernel: checkpoint \(7, 7, 3, "
                      r"16\), model \(7, 7, 3, 8\)"):
     train.load_backbone(str(path), config, _abstract(model, config.image_size))
@@ -264,7 +264,7 @@ def test_main_fine_tunes_switches_size_and_resumes_exactly(
   assert (final["step"], final["split"], final["image_size"]) == (
       6, "validation", 40)
   assert 0 <= final["top1"] <= final["top5"] <= 1
-  variables, metadata = checkpoints.load_for_inference(tmp_path / "full")
+  variables, metadata = store.load_for_inference(tmp_path / "full")
   assert metadata["label_mode"] == "single" and metadata["step"] == 6
   assert metadata["model"]["num_classes"] == SINGLE_CLASSES
   assert metadata["image_size"] == 40
@@ -275,7 +275,7 @@ def test_main_fine_tunes_switches_size_and_resumes_exactly(
   for steps in (4, 5, 6):
     resumed = _main(tmp_path / "resumed", data_dir, init, cache, steps)
   assert "training images now" not in resumed.stderr  # Started at 40 px.
-  restored, _ = checkpoints.load_for_inference(tmp_path / "resumed")
+  restored, _ = store.load_for_inference(tmp_path / "resumed")
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
   evals = [l for l in _lines(tmp_path / "resumed") if "split" in l]

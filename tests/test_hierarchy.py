@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.hierarchy: validation, queries, CSR closure, URLs."""
+"""Tests for mlimages_jax.data.hierarchy: validation, queries, CSR closure, URLs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from mlimages_jax.hierarchy import HEADER, Hierarchy, HierarchyError
-from mlimages_jax.hierarchy import load, ragged_arange
+from mlimages_jax.data.hierarchy import HEADER, Hierarchy, HierarchyError
+from mlimages_jax.data.hierarchy import load, ragged_arange
 
 HEADER_LINE = "\t".join(HEADER)
 

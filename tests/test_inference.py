@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.inference and `mlimages classify | features`.
+"""Tests for mlimages_jax.inference.predict and `mlimages classify | features`.
 
 A tiny ResNet-14 is saved as a real Orbax inference checkpoint; its outputs
 through the CLI and the library are checked against the same network applied
@@ -21,10 +21,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mlimages_jax import checkpoints
-from mlimages_jax import inference
+from mlimages_jax.checkpoints import store
+from mlimages_jax.inference import predict
 from mlimages_jax import losses
-from mlimages_jax import preprocessing
+from mlimages_jax.inputs import preprocessing
 from mlimages_jax import train
 from mlimages_jax.cli import main as cli_main
 from mlimages_jax.models import resnet
@@ -56,19 +56,19 @@ def tiny_metadata(label_mode: str = "multi", **overrides) -> dict:
                 image_size=IMAGE_SIZE, label_mode=label_mode,
                 class_ids=CLASS_IDS, class_names=CLASS_NAMES, step=7)
   kwargs.update(overrides)
-  return checkpoints.make_metadata(**kwargs)
+  return store.make_metadata(**kwargs)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> pathlib.Path:
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoints.save_inference_checkpoint(path, tiny_variables(), tiny_metadata())
+  store.save_inference_checkpoint(path, tiny_variables(), tiny_metadata())
   return path
 
 
 @pytest.fixture(scope="module")
-def loaded(checkpoint) -> inference.LoadedModel:
-  return inference.LoadedModel.load(checkpoint)
+def loaded(checkpoint) -> predict.LoadedModel:
+  return predict.LoadedModel.load(checkpoint)
 
 
 def _save(path: pathlib.Path, pixels: np.ndarray, **kwargs) -> str:
@@ -126,7 +126,7 @@ def test_classify_matches_direct_forward(loaded, generated_images):
       config=preprocessing.PreprocessConfig.for_mode("eval")).numpy()
                      for p in generated_images])
   logits, _ = _reference(tiny_variables(), images)
-  predictions, failures = inference.classify(
+  predictions, failures = predict.classify(
       loaded, generated_images, top_k=3, batch_size=2, progress=False)
   assert failures == []
   assert [p.path for p in predictions] == generated_images
@@ -149,10 +149,10 @@ def test_training_workdir_gives_the_same_predictions(loaded, tmp_path,
       opt_state=optax.sgd(0.1, momentum=0.9).init(variables["params"]),
       loss_state=losses.init_loss_state(NUM_CLASSES),
       rng=np.asarray(jax.random.PRNGKey(0)))
-  checkpointer = checkpoints.TrainCheckpointer(tmp_path, async_save=False)
+  checkpointer = store.TrainCheckpointer(tmp_path, async_save=False)
   checkpointer.save(3, state, tiny_metadata(step=3), None)
   checkpointer.close()
-  from_workdir = inference.LoadedModel.load(tmp_path)
+  from_workdir = predict.LoadedModel.load(tmp_path)
   assert from_workdir.metadata["step"] == 3
   images = np.random.default_rng(0).integers(
       0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -161,7 +161,7 @@ def test_training_workdir_gives_the_same_predictions(loaded, tmp_path,
 
 
 def test_single_label_probabilities_are_softmax():
-  model = inference.LoadedModel(tiny_variables(), tiny_metadata("single"))
+  model = predict.LoadedModel(tiny_variables(), tiny_metadata("single"))
   logits = np.array([[1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
   probs = model.probabilities(logits)
   np.testing.assert_allclose(probs, np.exp(logits) / np.exp(logits).sum())
@@ -172,13 +172,13 @@ def test_bad_files_are_skipped_and_reported(loaded, generated_images,
   bad = list(bad_files)
   paths = [bad[0], generated_images[0], bad[1], bad[2], generated_images[2],
            bad[3]]
-  predictions, failures = inference.classify(loaded, paths, batch_size=2,
+  predictions, failures = predict.classify(loaded, paths, batch_size=2,
                                              progress=False)
   assert [p.path for p in predictions] == [generated_images[0],
                                            generated_images[2]]
   assert [(f.index, f.path, f.reason) for f in failures] == [
       (i, paths[i], bad_files[paths[i]]) for i in (0, 2, 3, 5)]
-  alone, _ = inference.classify(loaded, [generated_images[0],
+  alone, _ = predict.classify(loaded, [generated_images[0],
                                          generated_images[2]], progress=False)
   for with_bad, without in zip(predictions, alone):
     assert [c[:3] for c in with_bad.classes] == [c[:3] for c in without.classes]
@@ -190,7 +190,7 @@ def test_bad_files_are_skipped_and_reported(loaded, generated_images,
 def test_features_equal_manual_crops(loaded, generated_images, bad_files,
                                      crop):
   paths = [generated_images[0], list(bad_files)[0], *generated_images[1:4]]
-  features, kept, failures = inference.extract_features(
+  features, kept, failures = predict.extract_features(
       loaded, paths, crop=crop, batch_size=3, progress=False)
   assert kept == [paths[0], *paths[2:]]
   assert [f.path for f in failures] == [paths[1]]
@@ -231,7 +231,7 @@ def test_cli_classify_and_features(checkpoint, generated_images, bad_files,
   assert f"skipped {bad}: not a decodable image" in captured.err
   assert "classified 3 of 4 images (1 skipped)" in captured.err
   lines = out.read_text().splitlines()
-  assert lines[0] == inference.PREDICTIONS_HEADER
+  assert lines[0] == predict.PREDICTIONS_HEADER
   expected_order = [generated_images[2], *generated_images[:2]]
   assert [line.split("\t")[0] for line in lines[1:]] == [
       p for p in expected_order for _ in range(2)]
@@ -250,8 +250,8 @@ def test_cli_classify_and_features(checkpoint, generated_images, bad_files,
   assert features.shape == (3, 128) and features.dtype == np.float32
   assert (tmp_path / "feats.txt").read_text().splitlines() == (
       generated_images[:3])
-  loaded = inference.LoadedModel.load(checkpoint)
-  direct, _, _ = inference.extract_features(
+  loaded = predict.LoadedModel.load(checkpoint)
+  direct, _, _ = predict.extract_features(
       loaded, generated_images[:3], crop="10crop", batch_size=3,
       progress=False)
   np.testing.assert_allclose(features, direct, rtol=1e-6)
@@ -262,7 +262,7 @@ def test_killed_features_run_resumes_without_redoing_chunks(
   paths = [*generated_images, list(bad_files)[0]]  # 6 images, 3 chunks of 2.
   out = tmp_path / "f.npy"
   calls = []
-  real = inference.extract_features
+  real = predict.extract_features
 
   def dies_on_third_chunk(model, chunk, **kwargs):
     calls.append(list(chunk))
@@ -272,17 +272,17 @@ def test_killed_features_run_resumes_without_redoing_chunks(
 
   monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
   with pytest.raises(KeyboardInterrupt):
-    inference.extract_features_to_file(loaded, paths, out, chunk_size=2,
+    predict.extract_features_to_file(loaded, paths, out, chunk_size=2,
                                        progress=False)
   assert not out.exists()
   assert len(list((tmp_path / "f.npy.partial").glob("part-*.npz"))) == 2
   calls.clear()
   monkeypatch.setattr(inference, "extract_features", real)
   with pytest.raises(ValueError, match="another features run"):
-    inference.extract_features_to_file(loaded, paths, out, crop="10crop",
+    predict.extract_features_to_file(loaded, paths, out, crop="10crop",
                                        chunk_size=2, progress=False)
   monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
-  features, kept, failures = inference.extract_features_to_file(
+  features, kept, failures = predict.extract_features_to_file(
       loaded, paths, out, chunk_size=2, progress=False)
   assert calls == [paths[4:]]  # Only the unfinished chunk was computed.
   assert not (tmp_path / "f.npy.partial").exists()
@@ -317,15 +317,15 @@ def test_real_photos(loaded, shared_dir, tmp_path):
   root = tmp_path / "root"
   (root / "data").mkdir(parents=True)
   (root / "data" / "images").symlink_to(shared_dir / "images")
-  paths = inference.read_image_list(listing, root)
+  paths = predict.read_image_list(listing, root)
   assert [os.path.basename(p) for p in paths] == [
       f"im_{i}.jpg" for i in range(4)]
-  predictions, failures = inference.classify(loaded, paths, top_k=NUM_CLASSES,
+  predictions, failures = predict.classify(loaded, paths, top_k=NUM_CLASSES,
                                              progress=False)
   assert failures == [] and len(predictions) == 4
   for p in predictions:
     assert sorted(c[0] for c in p.classes) == list(range(NUM_CLASSES))
-  features, kept, _ = inference.extract_features(loaded, paths, progress=False)
+  features, kept, _ = predict.extract_features(loaded, paths, progress=False)
   assert kept == paths and features.shape == (4, 128)
   assert np.isfinite(features).all() and np.ptp(features, axis=0).max() > 0
 
@@ -340,10 +340,10 @@ def test_wrong_or_corrupt_checkpoints(tmp_path, generated_images, capsys):
       (dict(width_multiplier=0.125), "checkpoint"),
   ]:
     path = tmp_path / f"wrong-{len(list(tmp_path.iterdir()))}"
-    checkpoints.save_inference_checkpoint(path, variables,
+    store.save_inference_checkpoint(path, variables,
                                           tiny_metadata(**overrides))
-    with pytest.raises(checkpoints.CheckpointError, match=expected):
-      inference.LoadedModel.load(path)
+    with pytest.raises(store.CheckpointError, match=expected):
+      predict.LoadedModel.load(path)
   out = tmp_path / "pred.txt"
   assert cli_main(["classify", generated_images[0], "--checkpoint",
                    str(path), "--out", str(out)]) == 1
@@ -352,12 +352,12 @@ def test_wrong_or_corrupt_checkpoints(tmp_path, generated_images, capsys):
 
   # Corrupt: metadata that is not ours, and weights whose files are gone.
   corrupt = tmp_path / "corrupt"
-  checkpoints.save_inference_checkpoint(corrupt, variables, tiny_metadata())
-  meta = corrupt / checkpoints.INFERENCE_METADATA_FILE
+  store.save_inference_checkpoint(corrupt, variables, tiny_metadata())
+  meta = corrupt / store.INFERENCE_METADATA_FILE
   meta.write_text(json.dumps({"format": "something-else"}))
-  with pytest.raises(checkpoints.CheckpointError, match="not an mlimages-jax"):
-    inference.LoadedModel.load(corrupt)
+  with pytest.raises(store.CheckpointError, match="not an mlimages-jax"):
+    predict.LoadedModel.load(corrupt)
   meta.write_text(json.dumps(tiny_metadata()))
   shutil.rmtree(corrupt / "variables" / "d")
-  with pytest.raises(checkpoints.CheckpointError, match="corrupt|cannot read"):
-    inference.LoadedModel.load(corrupt)
+  with pytest.raises(store.CheckpointError, match="corrupt|cannot read"):
+    predict.LoadedModel.load(corrupt)

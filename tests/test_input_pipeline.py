@@ -1,4 +1,4 @@
-"""Tests of mlimages_jax.input_pipeline on small TFDS datasets built here.
+"""Tests of mlimages_jax.inputs.pipeline on small TFDS datasets built here.
 
 `TinyMlImages` has the `ml_images` features (image, file_name, source,
 labels, confidences, hierarchy metadata) and encodes each example's index in
@@ -16,8 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mlimages_jax import input_pipeline
-from mlimages_jax import preprocessing
+from mlimages_jax.inputs import pipeline
+from mlimages_jax.inputs import preprocessing
 
 NUM_CLASSES = 64
 ID_CLASSES = 48  # Class i (< 48) positive at 1.0 marks example i.
@@ -118,13 +118,13 @@ def data_dir(tmp_path_factory) -> str:
   return str(path)
 
 
-def make(data_dir, **overrides) -> input_pipeline.InputIterator:
+def make(data_dir, **overrides) -> pipeline.InputIterator:
   kwargs = dict(dataset="tiny_ml_images/clean", data_dir=data_dir,
                 split="train", global_batch_size=8, image_size=16,
                 mode="pretrain", label_mode="multi", seed=0, process_index=0,
                 process_count=1, local_device_count=2, shuffle_buffer_size=64)
   kwargs.update(overrides)
-  return input_pipeline.create_input_iterator(**kwargs)
+  return pipeline.create_input_iterator(**kwargs)
 
 
 def ids(batch) -> np.ndarray:
@@ -312,7 +312,7 @@ def test_eval_resumes_mid_pass(data_dir):
 def test_prefetch_to_device_state_follows_what_was_returned(data_dir):
   devices = jax.local_devices()[:2]
   uninterrupted = take(make(data_dir, seed=9), 6)
-  prefetched = input_pipeline.prefetch_to_device(make(data_dir, seed=9), 3,
+  prefetched = pipeline.prefetch_to_device(make(data_dir, seed=9), 3,
                                                  devices)
   received = take(prefetched, 3)
   for expected, batch in zip(uninterrupted, received):
@@ -349,7 +349,7 @@ def test_single_label_classification_dataset(data_dir):
   assert iterator.num_classes == 5
   assert batch["labels"].shape == (2, 2) and batch["labels"].dtype == np.int32
   assert set(np.unique(batch["labels"])) <= set(range(5))
-  info = input_pipeline.dataset_info("tiny_classification", data_dir,
+  info = pipeline.dataset_info("tiny_classification", data_dir,
                                      label_mode="single")
   assert info.class_ids == ("a", "b", "c", "d", "e")
   with pytest.raises(ValueError, match="label_mode"):
@@ -357,7 +357,7 @@ def test_single_label_classification_dataset(data_dir):
 
 
 def test_dataset_info_reads_the_hierarchy_metadata(data_dir):
-  info = input_pipeline.dataset_info("tiny_ml_images/clean", data_dir)
+  info = pipeline.dataset_info("tiny_ml_images/clean", data_dir)
   assert info.num_classes == NUM_CLASSES
   assert info.class_ids == tuple(WNIDS)
   assert info.class_names[3] == "class 3"
@@ -366,13 +366,13 @@ def test_dataset_info_reads_the_hierarchy_metadata(data_dir):
 
 
 def test_missing_dataset_and_split_say_how_to_build(data_dir, tmp_path):
-  with pytest.raises(input_pipeline.DatasetNotBuiltError,
+  with pytest.raises(pipeline.DatasetNotBuiltError,
                      match=f"tfds build imagenet2012 .*--data_dir={tmp_path}"):
     make(str(tmp_path), dataset="imagenet2012", label_mode="single")
-  with pytest.raises(input_pipeline.DatasetNotBuiltError,
+  with pytest.raises(pipeline.DatasetNotBuiltError,
                      match="tfds build tiny_ml_images/clean"):
     make(str(tmp_path))
-  with pytest.raises(input_pipeline.DatasetNotBuiltError, match="'test'"):
+  with pytest.raises(pipeline.DatasetNotBuiltError, match="'test'"):
     make(data_dir, split="test")
 
 
@@ -390,11 +390,11 @@ def test_state_is_small_json(data_dir):
 
 
 def test_ml_images_synthetic_built_on_demand(tmp_path):
-  from mlimages_jax import synthetic
+  from mlimages_jax.data import synthetic
   kwargs = dict(dataset="ml_images/synthetic", data_dir=str(tmp_path),
                 split="validation", mode="eval", global_batch_size=100,
                 local_device_count=4)
-  with pytest.raises(input_pipeline.DatasetNotBuiltError,
+  with pytest.raises(pipeline.DatasetNotBuiltError,
                      match="tfds build tfds_builder/ml_images "
                            f"--config=synthetic --data_dir={tmp_path}"):
     make(**kwargs)

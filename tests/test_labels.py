@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.labels: lines, streaming, closure, augment, remap."""
+"""Tests for mlimages_jax.data.labels: lines, streaming, closure, augment, remap."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from mlimages_jax import labels
-from mlimages_jax.hierarchy import Hierarchy
-from mlimages_jax.labels import LabelError
+from mlimages_jax.data import labels
+from mlimages_jax.data.hierarchy import Hierarchy
+from mlimages_jax.data.labels import LabelError
 
 # 5 "thing" -> 0 "animal" -> {2 "dog", 3 "cat"}; 2 -> 1 "puppy"; 4 -> 6.
 PARENTS = [5, 2, 0, 0, -1, -1, 4]

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mlimages_jax import checkpoints
+from mlimages_jax.checkpoints import store
 from mlimages_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
   steps = sorted(int(p.name) for p in (smoke_run / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps == [3, 6]
-  variables, metadata = checkpoints.load_for_inference(smoke_run)
+  variables, metadata = store.load_for_inference(smoke_run)
   assert metadata["step"] == 6 and metadata["image_size"] == 32
   assert metadata["model"] == {"depth": 14, "num_classes": SYNTHETIC_CLASSES,
                                "width_multiplier": 0.125}
@@ -105,7 +105,7 @@ def test_incompatible_checkpoint_fails_before_compiling(smoke_run, data_dir):
   config.data_dir = str(data_dir)
   config.model.depth = 26
   start = time.perf_counter()
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(store.CheckpointError,
                      match=r"incompatible run: model\.depth: checkpoint 14, "
                      r"config 26"):
     train.train_and_evaluate(config, smoke_run)

@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.metrics against scikit-learn and hand-computed values."""
+"""Tests for mlimages_jax.evaluation.metrics against scikit-learn and hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from mlimages_jax import metrics
+from mlimages_jax.evaluation import metrics
 
 
 def _sklearn_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ def worker(out: pathlib.Path, process_id: int, num_processes: int,
            port: int) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from mlimages_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
   from mlimages_jax import train  # pylint: disable=g-import-not-at-top
 
   if num_processes > 1:
@@ -98,12 +98,12 @@ def worker(out: pathlib.Path, process_id: int, num_processes: int,
   final = train.unreplicate(replicated)
 
   if num_processes > 1:
-    metadata = checkpoints.make_metadata(
+    metadata = store.make_metadata(
         depth=14, num_classes=NUM_CLASSES, width_multiplier=0.125,
         image_size=IMAGE_SIZE, label_mode="multi",
         class_ids=[str(i) for i in range(NUM_CLASSES)],
         class_names=[str(i) for i in range(NUM_CLASSES)])
-    checkpointer = checkpoints.TrainCheckpointer(out / "work")
+    checkpointer = store.TrainCheckpointer(out / "work")
     checkpointer.save(STEPS, final, metadata, f"input of {process_id}".encode())
     checkpointer.wait_until_finished()
     restored, position = checkpointer.restore(STEPS, state)
@@ -207,9 +207,9 @@ def test_two_processes_match_one_process(tmp_path):
 def data_dir(tmp_path_factory) -> pathlib.Path:
   """ml_images/synthetic, built once here (two processes must not race to
   build it)."""
-  from mlimages_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.inputs import pipeline  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp("tfds")
-  input_pipeline.load_builder("ml_images/synthetic", str(path),
+  pipeline.load_builder("ml_images/synthetic", str(path),
                               build_if_missing=True)
   return path
 
@@ -247,8 +247,8 @@ def _input_states(workdir: pathlib.Path, step: int) -> list[dict]:
 def test_main_two_processes_train_evaluate_and_resume(tmp_path, data_dir):
   """The real entry point: train, evaluate and checkpoint as 2 processes, then
   both restart with more steps and resume from the checkpoint."""
-  from mlimages_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import metrics  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   from mlimages_jax import train  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -280,7 +280,7 @@ def test_main_two_processes_train_evaluate_and_resume(tmp_path, data_dir):
     assert [(s["process_index"], s["process_count"], s["batches"],
              s["examples"]) for s in states] == [
                  (i, 2, step, 8 * step) for i in range(2)]
-  variables, metadata = checkpoints.load_for_inference(workdir)
+  variables, metadata = store.load_for_inference(workdir)
   assert metadata["step"] == 6
   assert variables["params"]["logits"]["kernel"].shape[-1] == (
       SYNTHETIC_CLASSES)
@@ -302,7 +302,7 @@ def test_main_two_processes_train_evaluate_and_resume(tmp_path, data_dir):
   assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
   assert [(s["batches"], s["examples"]) for s in _input_states(workdir, 8)
           ] == [(8, 64)] * 2
-  variables, metadata = checkpoints.load_for_inference(workdir)
+  variables, metadata = store.load_for_inference(workdir)
   assert metadata["step"] == 8
   # The logged mAP ranks the scores of BOTH processes: each evaluated the
   # first 2 local batches (64 images) of its half of the validation split.
@@ -323,8 +323,8 @@ def _evaluated_halves(variables, data_dir: pathlib.Path
   config: eval batch 64 (32 per process) and 128 examples, so the first 2
   local batches of each process's half of the split."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.inputs import pipeline  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.inputs import preprocessing  # pylint: disable=g-import-not-at-top
   from mlimages_jax import train  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("smoke")
   model = train.create_model(config, SYNTHETIC_CLASSES)
@@ -332,7 +332,7 @@ def _evaluated_halves(variables, data_dir: pathlib.Path
       variables, preprocessing.normalize(images), train=False)[0])
   halves = []
   for process_index in range(2):
-    iterator = input_pipeline.create_input_iterator(
+    iterator = pipeline.create_input_iterator(
         dataset=config.dataset, data_dir=str(data_dir),
         split=config.eval_split, global_batch_size=config.eval_batch_size,
         image_size=config.image_size, mode="eval", label_mode="multi",

@@ -20,7 +20,7 @@ import nbclient
 import nbformat
 import pytest
 
-from mlimages_jax import synthetic
+from mlimages_jax.data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"

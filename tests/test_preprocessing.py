@@ -1,4 +1,4 @@
-"""Tests of mlimages_jax.preprocessing against NumPy/PIL references."""
+"""Tests of mlimages_jax.inputs.preprocessing against NumPy/PIL references."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mlimages_jax import preprocessing
+from mlimages_jax.inputs import preprocessing
 
 PHOTOS = [f"im_{i}.jpg" for i in range(4)]
 NO_AUGMENT = {"flip": False, "rotation_fraction": 0.0, "colour_fraction": 0.0}

@@ -1,4 +1,4 @@
-"""Tests for mlimages_jax.stats: streamed counts, summary, the two figures."""
+"""Tests for mlimages_jax.data.stats: streamed counts, summary, the two figures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlimages_jax import labels, stats
-from mlimages_jax.hierarchy import Hierarchy
+from mlimages_jax.data import labels
+from mlimages_jax.data import stats
+from mlimages_jax.data.hierarchy import Hierarchy
 
 
 def write_lists(tmp_path: pathlib.Path, num_classes: int):

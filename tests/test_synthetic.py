@@ -1,4 +1,4 @@
-"""Tests of the synthetic ML-Images stand-in (mlimages_jax/synthetic.py)."""
+"""Tests of the synthetic ML-Images stand-in (mlimages_jax/data/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 
 from mlimages_jax import losses
-from mlimages_jax import synthetic
+from mlimages_jax.data import synthetic
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import pretrain  # noqa: E402

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlimages_jax import input_pipeline
+from mlimages_jax.inputs import pipeline
 from mlimages_jax import train
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -203,7 +203,7 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
   config = pretrain.get_config()  # The full recipe: ml_images/full.
   config.data_dir = str(tmp_path)
   start = time.perf_counter()
-  with pytest.raises(input_pipeline.DatasetNotBuiltError,
+  with pytest.raises(pipeline.DatasetNotBuiltError,
                      match=r"tfds build tfds_builder/ml_images --config=full"):
     train.train_and_evaluate(config, tmp_path / "work")
   assert time.perf_counter() - start < 20
@@ -224,7 +224,7 @@ def test_metrics_log_truncates_on_resume(tmp_path):
 def test_step_inputs_apply_the_colour_the_pipeline_drew():
   """Batches carrying `colour` are distorted on the device, others only
   normalised: the trainer must not silently drop the colour augmentation."""
-  from mlimages_jax import preprocessing
+  from mlimages_jax.inputs import preprocessing
   rng = np.random.default_rng(3)
   image = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
   colour = np.array([[1.0, 0.1, 1.4, 0.15, 0.7],

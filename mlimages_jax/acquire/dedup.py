@@ -397,7 +397,7 @@ def write_report(report: Report, path: str) -> None:
 def merge_annotations(annotations: Sequence[str]) -> tuple[np.ndarray,
                                                             np.ndarray]:
   """Union of the classes, each with its highest confidence."""
-  from mlimages_jax import labels  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
 
   best: dict[int, float] = {}
   for text in annotations:
@@ -416,7 +416,7 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
   lines without repeats are copied untouched. Output: ``<list>.dedup.txt``,
   or with ``in_place`` the list itself (the original kept as ``.bak``).
   """
-  from mlimages_jax import labels  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
 
   grouped = [i for g in report.groups for i in g]
   info = _names(report, grouped)

@@ -127,7 +127,7 @@ class ListReader:
     return len(self.invalid_lines)
 
   def __iter__(self) -> Iterator[ListItem]:
-    from mlimages_jax import labels  # pylint: disable=g-import-not-at-top
+    from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
 
     validate = self._invalid_lines is None
     invalid = set() if validate else self._invalid_lines

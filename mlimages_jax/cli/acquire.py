@@ -131,7 +131,7 @@ def register(subparsers) -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
-  from mlimages_jax import labels
+  from mlimages_jax.data import labels
   from mlimages_jax.acquire import download as dl
 
   try:
@@ -160,7 +160,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _imagenet21k_extract(args: argparse.Namespace) -> int:
-  from mlimages_jax import labels
+  from mlimages_jax.data import labels
   from mlimages_jax.acquire import download as dl
   from mlimages_jax.acquire import imagenet21k
 
@@ -180,7 +180,7 @@ def _imagenet21k_extract(args: argparse.Namespace) -> int:
 
 
 def _dedup(args: argparse.Namespace) -> int:
-  from mlimages_jax import labels
+  from mlimages_jax.data import labels
   from mlimages_jax.acquire import dedup
   from mlimages_jax.acquire import download as dl
 

@@ -1,6 +1,6 @@
 """``mlimages convert-tf-checkpoint``: the original released TF1 checkpoints.
 
-Argument parsing and printing only; the work is in ``mlimages_jax.convert_tf``.
+Argument parsing and printing only; the work is in ``mlimages_jax.checkpoints.convert_tf``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def register(subparsers) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from mlimages_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import convert_tf  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import hierarchy  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import convert_tf  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.data import hierarchy  # pylint: disable=g-import-not-at-top
 
   try:
     result = convert_tf.convert_checkpoint(
@@ -56,7 +56,7 @@ def _convert(args: argparse.Namespace) -> int:
         num_classes=args.num_classes, dictionary=args.dictionary,
         image_size=args.image_size, label_mode=args.label_mode,
         overwrite=args.overwrite)
-  except (convert_tf.ConversionError, checkpoints.CheckpointError,
+  except (convert_tf.ConversionError, store.CheckpointError,
           hierarchy.HierarchyError, OSError) as e:
     print(f"mlimages convert-tf-checkpoint: error: {args.tf_checkpoint}: {e}",
           file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mlimages_jax import hierarchy as hierarchy_lib
+from mlimages_jax.data import hierarchy as hierarchy_lib
 
 
 def add_dictionary_argument(parser: argparse.ArgumentParser) -> None:

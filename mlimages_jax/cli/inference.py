@@ -1,7 +1,7 @@
 """``mlimages classify | features | evaluate``: using a trained checkpoint.
 
-Argument parsing and printing only; the work is in mlimages_jax.inference and
-mlimages_jax.evaluate (importable from a notebook).
+Argument parsing and printing only; the work is in mlimages_jax.inference.predict and
+mlimages_jax.evaluation.evaluator (importable from a notebook).
 """
 
 from __future__ import annotations
@@ -61,39 +61,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "from FILE.npy.partial/ (default: %(default)s)")
   features.set_defaults(func=_features)
 
-  evaluate = subparsers.add_parser(
+  evaluate_cmd = subparsers.add_parser(
       "evaluate", help="evaluate a checkpoint on a TFDS split",
       description="Single-label: top-1/top-5 accuracy. Multi-label: mAP, "
       "P/R/F1 at top-k per class and per image, mAP per hierarchy depth. "
       "Writes WORKDIR/eval_results.json; rerunning a killed evaluation "
       "resumes it.")
-  evaluate.add_argument("--checkpoint", required=True, metavar="DIR")
-  evaluate.add_argument("--dataset", required=True,
-                        help="TFDS name, e.g. ml_images/full or imagenet2012")
-  evaluate.add_argument("--data-dir", help="TFDS data directory")
-  evaluate.add_argument("--split", default="validation")
-  evaluate.add_argument("--image-size", type=_positive_int, action="append",
-                        metavar="SIZE", help="repeatable, e.g. --image-size "
-                        "224 --image-size 299 (default: the checkpoint's)")
-  evaluate.add_argument("--batch-size", type=_positive_int, default=64,
-                        help="global batch size (default: %(default)s)")
-  evaluate.add_argument("--top-k", type=_positive_int, nargs="+",
-                        default=[1, 5, 10],
-                        help="k for multi-label P/R/F1 (default: 1 5 10)")
-  evaluate.add_argument("--num-examples", type=int, default=0,
-                        help="evaluate only the first N examples (0: all)")
-  evaluate.add_argument("--workdir", required=True,
-                        help="where eval_results.json is written")
-  evaluate.add_argument("--no-progress", action="store_true")
-  evaluate.set_defaults(func=_evaluate)
+  evaluate_cmd.add_argument("--checkpoint", required=True, metavar="DIR")
+  evaluate_cmd.add_argument("--dataset", required=True,
+                            help="TFDS name, e.g. ml_images/full or imagenet2012")
+  evaluate_cmd.add_argument("--data-dir", help="TFDS data directory")
+  evaluate_cmd.add_argument("--split", default="validation")
+  evaluate_cmd.add_argument("--image-size", type=_positive_int, action="append",
+                            metavar="SIZE", help="repeatable, e.g. --image-size "
+                            "224 --image-size 299 (default: the checkpoint's)")
+  evaluate_cmd.add_argument("--batch-size", type=_positive_int, default=64,
+                            help="global batch size (default: %(default)s)")
+  evaluate_cmd.add_argument("--top-k", type=_positive_int, nargs="+",
+                            default=[1, 5, 10],
+                            help="k for multi-label P/R/F1 (default: 1 5 10)")
+  evaluate_cmd.add_argument("--num-examples", type=int, default=0,
+                            help="evaluate only the first N examples (0: all)")
+  evaluate_cmd.add_argument("--workdir", required=True,
+                            help="where eval_results.json is written")
+  evaluate_cmd.add_argument("--no-progress", action="store_true")
+  evaluate_cmd.set_defaults(func=_evaluate)
 
 
 def _image_paths(args: argparse.Namespace) -> list[str] | None:
-  from mlimages_jax import inference
+  from mlimages_jax.inference import predict
   paths = list(args.images)
   if args.image_list:
     try:
-      paths += inference.read_image_list(args.image_list, args.root)
+      paths += predict.read_image_list(args.image_list, args.root)
     except OSError as e:
       print(f"error: cannot read --list {args.image_list}: {e}",
             file=sys.stderr)
@@ -105,11 +105,11 @@ def _image_paths(args: argparse.Namespace) -> list[str] | None:
 
 
 def _load(checkpoint: str):
-  from mlimages_jax import checkpoints
-  from mlimages_jax import inference
+  from mlimages_jax.checkpoints import store
+  from mlimages_jax.inference import predict
   try:
-    return inference.LoadedModel.load(checkpoint)
-  except checkpoints.CheckpointError as e:
+    return predict.LoadedModel.load(checkpoint)
+  except store.CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return None
 
@@ -124,14 +124,14 @@ def _report(verb: str, done: int, failures) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-  from mlimages_jax import inference
+  from mlimages_jax.inference import predict
   paths = _image_paths(args)
   if paths is None:
     return 2
   model = _load(args.checkpoint)
   if model is None:
     return 1
-  predictions, failures = inference.classify(
+  predictions, failures = predict.classify(
       model, paths, top_k=args.top_k, batch_size=args.batch_size,
       progress=not args.no_progress)
   for p in predictions:
@@ -139,13 +139,13 @@ def _classify(args: argparse.Namespace) -> int:
     for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
       print(f"  {rank}. {prob:.4f}  {index:>5}  {class_id}  {name}")
   if args.out and predictions:
-    inference.write_predictions(args.out, predictions)
+    predict.write_predictions(args.out, predictions)
     print(f"wrote {args.out}", file=sys.stderr)
   return _report("classified", len(predictions), failures)
 
 
 def _features(args: argparse.Namespace) -> int:
-  from mlimages_jax import inference
+  from mlimages_jax.inference import predict
   paths = _image_paths(args)
   if paths is None:
     return 2
@@ -153,7 +153,7 @@ def _features(args: argparse.Namespace) -> int:
   if model is None:
     return 1
   try:
-    features, kept, failures = inference.extract_features_to_file(
+    features, kept, failures = predict.extract_features_to_file(
         model, paths, args.out, crop=args.crop, batch_size=args.batch_size,
         chunk_size=args.chunk_size, progress=not args.no_progress)
   except ValueError as e:
@@ -161,27 +161,27 @@ def _features(args: argparse.Namespace) -> int:
     return 1
   if kept:
     print(f"wrote {args.out} {features.shape} and "
-          f"{inference.features_list_path(args.out)}", file=sys.stderr)
+          f"{predict.features_list_path(args.out)}", file=sys.stderr)
   return _report("extracted features of", len(kept), failures)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
   import json
 
-  from mlimages_jax import checkpoints
-  from mlimages_jax import evaluate
-  from mlimages_jax import input_pipeline
+  from mlimages_jax.checkpoints import store
+  from mlimages_jax.evaluation import evaluator
+  from mlimages_jax.inputs import pipeline
   try:
-    results = evaluate.evaluate_checkpoint(
+    results = evaluator.evaluate_checkpoint(
         args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
         split=args.split, image_size=args.image_size,
         batch_size=args.batch_size, workdir=args.workdir,
         top_k=tuple(args.top_k), num_examples=args.num_examples,
         progress=not args.no_progress)
-  except (checkpoints.CheckpointError, input_pipeline.DatasetNotBuiltError,
-          evaluate.EvaluationError) as e:
+  except (store.CheckpointError, pipeline.DatasetNotBuiltError,
+          evaluator.EvaluationError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(json.dumps(evaluate.summary(results), indent=1))
+  print(json.dumps(evaluator.summary(results), indent=1))
   print(f"wrote {results['path']}", file=sys.stderr)
   return 0

@@ -14,7 +14,7 @@ from typing import Iterator
 from mlimages_jax.cli.hierarchy import add_dictionary_argument
 from mlimages_jax.cli.hierarchy import load_dictionary
 from mlimages_jax import fileio
-from mlimages_jax import labels as labels_lib
+from mlimages_jax.data import labels as labels_lib
 
 # LabelError and HierarchyError are ValueErrors.
 _BAD_INPUT = (OSError, ValueError)
@@ -71,7 +71,7 @@ def register(subparsers) -> None:
   add_dictionary_argument(cooc)
   cooc.add_argument("--out", required=True,
                     help="output TSV (e.g. cooccurrence_pairs.tsv), atomic")
-  from mlimages_jax.cooccurrence import CooccurrenceRules  # Cheap.
+  from mlimages_jax.data.cooccurrence import CooccurrenceRules  # Cheap.
   defaults = CooccurrenceRules()
   cooc.add_argument("--threshold", type=float, default=defaults.threshold,
                     help="minimum mean score of the tag on the class's "
@@ -180,7 +180,7 @@ def _remap(args: argparse.Namespace) -> int:
 
 def _cooccurrence(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mlimages_jax import cooccurrence  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.data import cooccurrence  # pylint: disable=g-import-not-at-top
   try:
     tree = load_dictionary(args)
     scores = np.load(args.scores, mmap_mode="r")
@@ -230,7 +230,7 @@ def _read_columns(path: str, num_classes: int) -> list[int]:
 
 def _stats(args: argparse.Namespace) -> int:
   # pylint: disable-next=g-import-not-at-top
-  from mlimages_jax import stats as stats_lib
+  from mlimages_jax.data import stats as stats_lib
   try:
     tree = load_dictionary(args)
     total = sum(os.path.getsize(p) for p in args.lists)

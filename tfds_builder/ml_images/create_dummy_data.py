@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from mlimages_jax import cooccurrence
-from mlimages_jax import hierarchy as hierarchy_lib
-from mlimages_jax import labels as labels_lib
+from mlimages_jax.data import cooccurrence
+from mlimages_jax.data import hierarchy as hierarchy_lib
+from mlimages_jax.data import labels as labels_lib
 
 DUMMY_DATA = pathlib.Path(__file__).resolve().parent / "dummy_data"
 IMAGE_KINDS = ("jpeg", "png", "gray", "cmyk", "corrupt")

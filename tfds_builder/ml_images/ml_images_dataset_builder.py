@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from mlimages_jax import hierarchy as hierarchy_lib
-from mlimages_jax import labels as labels_lib
-from mlimages_jax import synthetic
+from mlimages_jax.data import hierarchy as hierarchy_lib
+from mlimages_jax.data import labels as labels_lib
+from mlimages_jax.data import synthetic
 
 beam = tfds.core.lazy_imports.apache_beam
 

@@ -21,9 +21,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mlimages_jax import hierarchy as hierarchy_lib
-from mlimages_jax import labels as labels_lib
-from mlimages_jax import synthetic
+from mlimages_jax.data import hierarchy as hierarchy_lib
+from mlimages_jax.data import labels as labels_lib
+from mlimages_jax.data import synthetic
 from tfds_builder.ml_images import create_dummy_data as dummy
 from tfds_builder.ml_images import ml_images_dataset_builder as mib
 

@@ -36,10 +36,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mlimages_jax import fileio
-from mlimages_jax import hierarchy as hierarchy_lib
-from mlimages_jax import inference
-from mlimages_jax import input_pipeline
-from mlimages_jax import metrics
+from mlimages_jax.data import hierarchy as hierarchy_lib
+from mlimages_jax.inference import predict
+from mlimages_jax.inputs import pipeline
+from mlimages_jax.evaluation import metrics
 
 RESULTS_FILE = "eval_results.json"
 PROGRESS_DIR = ".eval-progress"
@@ -49,8 +49,8 @@ class EvaluationError(ValueError):
   """The checkpoint and the dataset (or the batch size) do not fit together."""
 
 
-def _check_classes(model: inference.LoadedModel,
-                   info: input_pipeline.DatasetInfo, checkpoint: str) -> None:
+def _check_classes(model: predict.LoadedModel,
+                   info: pipeline.DatasetInfo, checkpoint: str) -> None:
   if model.num_classes != info.num_classes:
     raise EvaluationError(
         f"{checkpoint} predicts {model.num_classes} classes but {info.name} "
@@ -65,7 +65,7 @@ def _check_classes(model: inference.LoadedModel,
 
 def _hierarchy_depth(dataset: str, data_dir: str | None) -> np.ndarray | None:
   """Depth of each class from the dataset's hierarchy metadata, if it has one."""
-  metadata = input_pipeline.load_builder(dataset, data_dir).info.metadata or {}
+  metadata = pipeline.load_builder(dataset, data_dir).info.metadata or {}
   if "parents" not in metadata:
     return None
   return hierarchy_lib.Hierarchy.from_arrays(
@@ -81,7 +81,7 @@ def _gather(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
                multihost_utils.process_allgather(flat, tiled=True))
 
 
-def _evaluate_size(model: inference.LoadedModel, *, dataset: str,
+def _evaluate_size(model: predict.LoadedModel, *, dataset: str,
                    data_dir: str | None, split: str, image_size: int,
                    batch_size: int, top_k: Sequence[int], num_examples: int,
                    depth: np.ndarray | None, progress_dir: pathlib.Path,
@@ -93,7 +93,7 @@ def _evaluate_size(model: inference.LoadedModel, *, dataset: str,
   continues from its last save; the finished result is kept there too until
   the caller has written eval_results.json.
   """
-  iterator = input_pipeline.create_input_iterator(
+  iterator = pipeline.create_input_iterator(
       dataset=dataset, data_dir=data_dir, split=split,
       global_batch_size=batch_size, image_size=image_size, mode="eval",
       label_mode=model.label_mode, seed=0,
@@ -213,12 +213,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
   with the same arguments resumes it. Returns what it wrote, plus "path".
   """
   checkpoint = os.fspath(checkpoint)
-  model = inference.LoadedModel.load(checkpoint)
+  model = predict.LoadedModel.load(checkpoint)
   if batch_size % jax.device_count():
     raise EvaluationError(f"batch size {batch_size} is not divisible by the "
                           f"{jax.device_count()} devices")
   try:
-    info = input_pipeline.dataset_info(dataset, data_dir,
+    info = pipeline.dataset_info(dataset, data_dir,
                                        label_mode=model.label_mode)
   except ValueError as e:  # E.g. no multi-label targets in the dataset.
     raise EvaluationError(f"{checkpoint} ({model.label_mode}-label) cannot be "

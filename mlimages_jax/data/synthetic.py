@@ -33,8 +33,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlimages_jax import hierarchy as hierarchy_lib
-from mlimages_jax import labels as labels_lib
+from mlimages_jax.data import hierarchy as hierarchy_lib
+from mlimages_jax.data import labels as labels_lib
 
 ROOTS = ("round", "angular", "linear")
 # (shape name, root index); the order is the single-label class order.

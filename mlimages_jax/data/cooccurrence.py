@@ -31,10 +31,10 @@ from typing import Callable
 
 import numpy as np
 
-from mlimages_jax import labels
+from mlimages_jax.data import labels
 from mlimages_jax.fileio import PathLike, atomic_writer
-from mlimages_jax.hierarchy import Hierarchy
-from mlimages_jax.hierarchy import ragged_arange
+from mlimages_jax.data.hierarchy import Hierarchy
+from mlimages_jax.data.hierarchy import ragged_arange
 
 PAIRS_FILE_NAME = "cooccurrence_pairs.tsv"
 _COLUMNS = ("source_index", "source_wnid", "target_index", "target_wnid",

@@ -54,11 +54,11 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Generator, Iterator
 import numpy as np
 
 from mlimages_jax.fileio import PathLike, atomic_writer
-from mlimages_jax.hierarchy import Hierarchy
-from mlimages_jax.hierarchy import ragged_arange
+from mlimages_jax.data.hierarchy import Hierarchy
+from mlimages_jax.data.hierarchy import ragged_arange
 
 if TYPE_CHECKING:
-  from mlimages_jax.cooccurrence import CooccurrencePairs
+  from mlimages_jax.data.cooccurrence import CooccurrencePairs
 
 _WHITESPACE = re.compile(r"[ \t\r\n\v\f]+")
 _MAX_INDEX_DIGITS = 9
@@ -743,7 +743,7 @@ class ChunkAugmenter:
     self._confidences = _ConfidenceTexts()
     self._kernel = None
     if compiled:
-      from mlimages_jax import labels_kernel  # Imports numba: slow.
+      from mlimages_jax.data import labels_kernel  # Imports numba: slow.
       self._kernel = labels_kernel.Kernel(hierarchy, pairs,
                                           out_bytes=out_bytes)
 
@@ -967,7 +967,7 @@ def _work(chunk: bytes, first_lineno: int) -> tuple[bytes, AugmentSummary]:
 def load_cooccurrence_pairs(path: PathLike, num_classes: int
                             ) -> CooccurrencePairs:
   """`cooccurrence.load_cooccurrence_pairs`, reachable where `augment` is."""
-  from mlimages_jax import cooccurrence  # Circular at import time.
+  from mlimages_jax.data import cooccurrence  # Circular at import time.
   return cooccurrence.load_cooccurrence_pairs(path, num_classes)
 
 

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 import numba
 import numpy as np
 
-from mlimages_jax.hierarchy import Hierarchy
+from mlimages_jax.data.hierarchy import Hierarchy
 
 if TYPE_CHECKING:
-  from mlimages_jax.cooccurrence import CooccurrencePairs
+  from mlimages_jax.data.cooccurrence import CooccurrencePairs
 
 _TEXT_WIDTH = 32  # Longest confidence text kept; longer ones: NumPy path.
 _PREFIX_WIDTH = 16  # "\t<index>:" of every class.
@@ -375,7 +375,7 @@ class Kernel:
 
   def add_text(self, bits: int) -> None:
     """Adds the text of a float32 value; -0.0 and long texts get none."""
-    from mlimages_jax.labels import format_confidence  # Circular.
+    from mlimages_jax.data.labels import format_confidence  # Circular.
     value = np.array([bits], np.uint32).view(np.float32)[0]
     text = format_confidence(float(value)).encode()
     slot = _slot(self.keys, bits)

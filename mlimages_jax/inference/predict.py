@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from mlimages_jax import checkpoints
+from mlimages_jax.checkpoints import store
 from mlimages_jax import fileio
-from mlimages_jax import preprocessing
+from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 
 CROPS = ("center", "10crop")
@@ -75,11 +75,11 @@ class LoadedModel:
   def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
     """Loads any checkpoint kind; unreadable ones raise CheckpointError."""
     try:
-      variables, metadata = checkpoints.load_for_inference(checkpoint)
-    except checkpoints.CheckpointError:
+      variables, metadata = store.load_for_inference(checkpoint)
+    except store.CheckpointError:
       raise
     except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
-      raise checkpoints.CheckpointError(
+      raise store.CheckpointError(
           f"{checkpoint}: cannot read the checkpoint ({type(e).__name__}: "
           f"{e})") from e
     return cls(variables, metadata, source=os.path.abspath(checkpoint))
@@ -155,7 +155,7 @@ def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
   problems += [f"{k}: checkpoint {have[k]}, model {want[k]}"
                for k in sorted(want.keys() & have) if want[k] != have[k]]
   if problems:
-    raise checkpoints.CheckpointError(
+    raise store.CheckpointError(
         f"{source}: the weights do not fit the network its metadata describes "
         f"(ResNet stages {tuple(model.stage_sizes)}, width "
         f"{model.width_multiplier}, {model.num_classes} classes): "

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from mlimages_jax import hierarchy as hierarchy_lib
+from mlimages_jax.data import hierarchy as hierarchy_lib
 
 # Flax BN variable -> the tf.layers.batch_normalization variable.
 _BN_TF_NAMES = {("params", "scale"): "gamma", ("params", "bias"): "beta",
@@ -257,7 +257,7 @@ def convert_checkpoint(prefix: str, out: str | os.PathLike, *,
   fine-tuned softmax model) and "multi" otherwise. Everything is validated
   before anything is written, and the write itself is atomic.
   """
-  from mlimages_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
 
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"{out} exists (use --overwrite to replace it)")
@@ -270,11 +270,11 @@ def convert_checkpoint(prefix: str, out: str | os.PathLike, *,
     ids, names = default_classes(spec.num_classes)
   if label_mode is None:
     label_mode = "single" if spec.num_classes == 1000 else "multi"
-  metadata = checkpoints.make_metadata(
+  metadata = store.make_metadata(
       depth=spec.depth, num_classes=spec.num_classes,
       width_multiplier=spec.width_multiplier, image_size=image_size,
       label_mode=label_mode, class_ids=ids, class_names=names, step=0)
-  path = checkpoints.save_inference_checkpoint(out, variables, metadata,
+  path = store.save_inference_checkpoint(out, variables, metadata,
                                                overwrite=overwrite)
   converted = sum(1 for c in variables.values() for _ in _flax_leaves(c))
   return ConversionResult(path=str(path), spec=spec, converted=converted,

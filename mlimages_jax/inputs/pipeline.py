@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mlimages_jax import preprocessing
+from mlimages_jax.inputs import preprocessing
 
 _STATE_FORMAT = "mlimages-jax-input-state"
 _MAX_EPOCHS = 2**62
@@ -137,14 +137,14 @@ def _single_label_target(builder: tfds.core.DatasetBuilder):
 
   Classification datasets (imagenet2012) have a `label`; `ml_images/synthetic`
   maps its labels to one of `synthetic.NUM_SINGLE_LABEL_CLASSES` shapes with
-  `min(single_label_table()[positive labels])` (see mlimages_jax.synthetic).
+  `min(single_label_table()[positive labels])` (see mlimages_jax.data.synthetic).
   """
   features = builder.info.features
   if "label" in features:
     names = tuple(features["label"].names)
     return names, names, lambda ex: tf.cast(ex["label"], tf.int32)
   if builder.info.full_name.startswith("ml_images/synthetic"):
-    from mlimages_jax import synthetic
+    from mlimages_jax.data import synthetic
     table = synthetic.single_label_table()
     wnids, _ = _multi_label_classes(builder)
     ids = tuple(wnids[int(np.flatnonzero(table == k)[0])]

@@ -1,0 +1,1 @@
+"""The spine's checkpoint: Orbax train state with its metadata, inference checkpoints, import of the original TF checkpoints."""

@@ -1,0 +1,1 @@
+"""Using a trained network on image files: classification and features."""

@@ -1,0 +1,1 @@
+"""The model wing's input: TFDS dataset -> sharded, resumable, preprocessed batches."""
