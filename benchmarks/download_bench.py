@@ -39,6 +39,7 @@ import urllib.request
 import numpy as np
 
 from mlimages_jax.acquire import download as dl
+from mlimages_jax.acquire import naming
 
 
 def make_bodies(count: int, target_kb: int, seed: int = 0) -> list[bytes]:
@@ -171,7 +172,7 @@ def run_threads_urllib(url_list: str, out: str, threads: int = 20
         body = resp.read()
     except OSError:
       return False
-    with open(os.path.join(out, dl.name_from_url(url)), "wb") as f:
+    with open(os.path.join(out, naming.name_from_url(url)), "wb") as f:
       f.write(body)
     return True
 

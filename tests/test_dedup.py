@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mlimages_jax.acquire import dedup
+from mlimages_jax.acquire import errors
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,5 +175,5 @@ def test_cli_dedup_in_place(tmp_path):
 
 
 def test_missing_inputs(tmp_path):
-  with pytest.raises(dedup.dl.AcquireError, match="no im_list.txt"):
+  with pytest.raises(errors.AcquireError, match="no im_list.txt"):
     dedup.find_duplicates([tmp_path], progress=False)

@@ -21,6 +21,9 @@ import pytest
 from PIL import Image
 
 from mlimages_jax.acquire import download as dl
+from mlimages_jax.acquire import errors
+from mlimages_jax.acquire import output_dir
+from mlimages_jax.acquire import validation
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -130,54 +133,8 @@ def read_failed(out: pathlib.Path) -> dict[str, tuple[str, int]]:
 
 
 def assert_no_partials(out: pathlib.Path):
-  assert not list((out / dl.PARTIAL_DIR).iterdir())
+  assert not list((out / output_dir.PARTIAL_DIR).iterdir())
   assert all(not p.name.startswith(".") for p in (out / "images").iterdir())
-
-
-# ------------------------------------------------------------------ names
-
-
-def test_name_from_url_rule_and_sanitising():
-  assert dl.name_from_url(
-      "https://farm2.staticflickr.com/2034/1557324960_1ae893fed8_o.jpg"
-  ) == "2034_1557324960_1ae893fed8_o.jpg"
-  assert dl.name_from_url("http://h.org/x.jpg") == "h.org_x.jpg"
-  for url in ["http://h/a/..%2F..%2Fetc%2Fpasswd", "http://h/../../x/..",
-              "http://h/a/b/../../../../etc/passwd", "http://h/a\\b/c:d.jpg",
-              "http://h/.hidden/.x", "http://h/" + "a" * 400 + "/b.jpg"]:
-    name = dl.name_from_url(url)
-    assert "/" not in name and "\\" not in name and ".." not in name, name
-    assert name and not name.startswith(".") and len(name.encode()) <= 200
-  assert dl.name_from_file_name("n01440764/n01440764_10026.JPEG") == (
-      "n01440764_10026.JPEG")
-
-
-def test_name_collisions_resolved_deterministically(tmp_path):
-  lines = ["http://a/f/x.jpg 1", "http://b/f/x.jpg 2", "http://c/f/X.JPG 3",
-           "http://d/g/y.jpg 4", "http://e/f/x.jpg 5", "http://z/f/x_1.jpg 6"]
-  path = tmp_path / "l.txt"
-  path.write_text("\n".join(lines) + "\n")
-  reader = dl.ListReader(str(path))
-  table = dl.build_name_table(reader, dl.name_from_url)
-  names = [table.name(item) for item in reader]
-  # x_1.jpg exists literally, so the second x.jpg skips to _2; the check is
-  # case-insensitive (X.JPG collides with x.jpg).
-  assert names == ["f_x.jpg", "f_x_2.jpg", "f_X_3.JPG", "g_y.jpg",
-                   "f_x_4.jpg", "f_x_1.jpg"]
-  assert len({n.casefold() for n in names}) == len(names)
-
-
-def test_shards_cover_the_list_without_overlap():
-  for n_lines in (0, 1, 7, 100):
-    for count in (1, 3, 8):
-      covered = []
-      for i in range(count):
-        first, last = dl.shard_range(n_lines, (i, count))
-        covered.extend(range(first, last + 1))
-      assert covered == list(range(1, n_lines + 1))
-  assert dl.parse_shard("2/5") == (2, 5)
-  with pytest.raises(ValueError):
-    dl.parse_shard("5/5")
 
 
 def test_retry_after_and_backoff():
@@ -189,61 +146,6 @@ def test_retry_after_and_backoff():
   delays = [dl.backoff_delay(k, 1.0, 5.0, rng) for k in (1, 2, 3, 4, 5)]
   assert all(0 <= d <= min(5.0, 2 ** (k - 1))
              for k, d in zip((1, 2, 3, 4, 5), delays))
-
-
-def test_journal_roundtrip_torn_and_foreign(tmp_path):
-  path = str(tmp_path / "journal")
-  records = [dl.Record(3, True, 2, name="a_b.jpg", stored_bytes=10,
-                       original_bytes=20, width=4, height=3,
-                       original_width=8, original_height=6),
-             dl.Record(5, False, 4, reason="timeout", detail="x\ty\nz")]
-  journal = dl.Journal(path, {"list": 1})
-  for r in records:
-    journal.append(r)
-  journal.close()
-  with open(path, "a") as f:  # A garbled record, then a torn one.
-    f.write("7\tok\t1\tna8\tok\n" + records[0].to_line()[:9])
-  replayed = dl.Journal(path, {"list": 1})
-  replayed.close()
-  assert replayed.records == {3: records[0], 5: dl.Record(
-      5, False, 4, reason="timeout", detail="x y z")}
-  assert replayed.torn == 2
-  assert open(path).read().endswith("\tok\n")  # The torn tail was cut.
-  with pytest.raises(dl.AcquireError, match="other arguments"):
-    dl.Journal(path, {"list": 2})
-
-
-# ------------------------------------------------------------- validation
-
-
-def test_validate_image_reasons():
-  cfg = dl.ValidationConfig()
-  jpeg = make_jpeg(1)
-  assert dl.validate_image(jpeg, "image/jpeg", cfg) == ("JPEG", 40, 30)
-  assert dl.validate_image(make_png(2), "", cfg) == ("PNG", 8, 8)
-  cases = {
-      b"": "empty_body",
-      b"<!DOCTYPE html><html>gone</html>": "html_page",
-      b"\x00\x01garbage": "not_an_image",
-      jpeg[:len(jpeg) // 2]: "truncated_image",
-      jpeg[:20]: "undecodable",
-  }
-  for body, reason in cases.items():
-    with pytest.raises(dl.InvalidImage) as e:
-      dl.validate_image(body, "", cfg)
-    assert e.value.reason == reason
-  # A corrupt PNG stream passes the header checks; --verify full decodes it.
-  png = make_png(3)
-  start = png.index(b"IDAT") + 8
-  corrupt = png[:start] + bytes(b ^ 0xFF for b in png[start:start + 20]) + (
-      png[start + 20:])
-  assert dl.validate_image(corrupt, "", cfg) == ("PNG", 8, 8)
-  with pytest.raises(dl.InvalidImage, match="undecodable"):
-    dl.validate_image(corrupt, "", dl.ValidationConfig(verify="full"))
-  placeholder = dl.ValidationConfig(
-      placeholder_hashes=frozenset({hashlib.sha256(jpeg).hexdigest()}))
-  with pytest.raises(dl.InvalidImage, match="placeholder_image"):
-    dl.validate_image(jpeg, "image/jpeg", placeholder)
 
 
 # ----------------------------------------------------------------- runs
@@ -294,7 +196,7 @@ def test_download_outcomes_against_local_server(server, tmp_path):
   out = tmp_path / "out"
   t0 = time.monotonic()
   stats = dl.download(str(lst), str(out), fast_config(
-      timeout=1.0, processes=2, validation=dl.ValidationConfig(
+      timeout=1.0, processes=2, validation=validation.ValidationConfig(
           placeholder_hashes=frozenset(
               {hashlib.sha256(bad_hash).hexdigest()}))))
   assert time.monotonic() - t0 < 15
@@ -358,7 +260,7 @@ def test_max_side_reencodes_and_keeps_original_size(server, tmp_path):
                  f"{server.image('/i/a/small.jpg', small)} 2\n")
   out = tmp_path / "out"
   stats = dl.download(str(lst), str(out), fast_config(
-      validation=dl.ValidationConfig(max_side=64, quality=80)))
+      validation=validation.ValidationConfig(max_side=64, quality=80)))
   with Image.open(out / "images" / "a_big.jpg") as img:
     assert img.size == (64, 16) and img.format == "JPEG"
   assert (out / "images" / "a_small.jpg").read_bytes() == small
@@ -382,7 +284,7 @@ def test_shards_download_disjoint_parts(server, tmp_path):
   assert merged == [(f"f_{i}.jpg", str(i)) for i in range(10)]
   assert all(v == 1 for v in server.requests.values())
   # A different shard into an existing folder is refused.
-  with pytest.raises(dl.AcquireError, match="other arguments"):
+  with pytest.raises(errors.AcquireError, match="other arguments"):
     dl.download(str(lst), str(tmp_path / "shard0"), fast_config(shard=(1, 3)))
 
 
@@ -397,25 +299,6 @@ def test_invalid_lines_error_or_skip(server, tmp_path):
                       fast_config(skip_invalid=True))
   assert stats["invalid_lines"] == 1 and stats["ok"] == 1
   assert read_im_list(tmp_path / "o2") == [("f_a.jpg", "1:0.5")]
-
-
-def test_unwritable_output_folder(tmp_path):
-  lst = tmp_path / "urls.txt"
-  lst.write_text("http://127.0.0.1:9/x.jpg 1\n")
-  blocker = tmp_path / "file"
-  blocker.write_text("")
-  with pytest.raises(dl.AcquireError, match="not writable"):
-    dl.download(str(lst), str(blocker / "out"), fast_config())
-
-
-def test_second_run_into_same_folder_is_refused(tmp_path):
-  lst = tmp_path / "urls.txt"
-  lst.write_text("http://127.0.0.1:9/f/x.jpg 1\n")
-  out = tmp_path / "out"
-  with dl.claim_out_dir(str(out)):  # As if another run were active.
-    with pytest.raises(dl.AcquireError, match="another run"):
-      dl.download(str(lst), str(out), fast_config())
-  assert not (out / dl.JOURNAL_NAME).exists()
 
 
 def test_write_error_stops_cleanly_and_resumes(server, tmp_path):

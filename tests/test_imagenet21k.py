@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlimages_jax.acquire import download as dl
+from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import imagenet21k
+from mlimages_jax.acquire import journal as journal_lib
+from mlimages_jax.acquire import output_dir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WNIDS = ("n01440764", "n02084071", "n09999999")
@@ -88,7 +90,7 @@ def _check_output(out: pathlib.Path, imagenet: dict) -> None:
   assert (out / "missing.txt").read_text().splitlines() == [ids[2], ids[4]]
   stats = json.loads((out / "stats.json").read_text())
   assert stats["ok"] == 4 and stats["missing"] == 2 and stats["pending"] == 0
-  assert not os.listdir(out / dl.PARTIAL_DIR)
+  assert not os.listdir(out / output_dir.PARTIAL_DIR)
 
 
 @pytest.mark.parametrize("layout", ["tree", "tars", "release_tar",
@@ -107,9 +109,9 @@ def test_resume_skips_finished_and_adopts_unjournaled(imagenet, tmp_path):
   out = tmp_path / "out"
   path = imagenet["layouts"]["tars"]
   imagenet21k.extract(imagenet["id_list"], path, out, progress=False)
-  journal = out / dl.JOURNAL_NAME
+  journal = out / journal_lib.JOURNAL_NAME
   lines = journal.read_text().splitlines(keepends=True)
-  records = [dl.Record.from_line(line) for line in lines[1:]]
+  records = [journal_lib.Record.from_line(line) for line in lines[1:]]
   kept = records[:2]
   adopted = next(r for r in records[2:] if r.ok)
   # As if killed: two records journaled, one image renamed into place but
@@ -153,7 +155,7 @@ def test_cli_extract_and_errors(imagenet, tmp_path):
 def test_not_a_tar(tmp_path):
   junk = tmp_path / "junk.bin"
   junk.write_bytes(b"x" * 1000)
-  with pytest.raises(dl.AcquireError, match="not a tar"):
+  with pytest.raises(errors.AcquireError, match="not a tar"):
     imagenet21k.detect_layout(str(junk))
-  with pytest.raises(dl.AcquireError, match="no such"):
+  with pytest.raises(errors.AcquireError, match="no such"):
     imagenet21k.detect_layout(str(tmp_path / "nope"))

@@ -27,7 +27,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mlimages_jax.acquire import download as dl
+from mlimages_jax.acquire import errors
+from mlimages_jax.acquire import image_list
+from mlimages_jax.acquire import output_dir
 
 CACHE_NAME = ".dedup-cache.tsv"
 _HASH_KINDS = ("phash", "dhash")
@@ -177,10 +179,10 @@ def resolve_input(path: str) -> Input:
   if os.path.isdir(path):
     list_path = os.path.join(path, "im_list.txt")
     if not os.path.isfile(list_path):
-      raise dl.AcquireError(f"{path}: no im_list.txt in this folder")
+      raise errors.AcquireError(f"{path}: no im_list.txt in this folder")
     return Input(list_path, os.path.join(path, "images"))
   if not os.path.isfile(path):
-    raise dl.AcquireError(f"{path}: no such list or folder")
+    raise errors.AcquireError(f"{path}: no such list or folder")
   return Input(path, os.path.join(os.path.dirname(os.path.abspath(path)),
                                   "images"))
 
@@ -324,7 +326,7 @@ def _hash_list(inp: Input, cache: _HashCache, kind: str | None, pool, *,
         result = job
       yield lineno, result
 
-  for item in dl.ListReader(inp.list_path):
+  for item in image_list.ListReader(inp.list_path):
     path = os.path.join(inp.images_dir, item.key)
     try:
       stat = os.stat(path)
@@ -371,7 +373,7 @@ def _names(report: Report, wanted: Iterable[int]) -> dict[int, tuple[str, str]]:
   out = {}
   key_of = {(int(report.source[i]), int(report.lineno[i])): i for i in wanted}
   for index, inp in enumerate(report.inputs):
-    for item in dl.ListReader(inp.list_path):
+    for item in image_list.ListReader(inp.list_path):
       i = key_of.get((index, item.lineno))
       if i is not None:
         out[i] = (item.key, item.annotations)
@@ -381,7 +383,7 @@ def _names(report: Report, wanted: Iterable[int]) -> dict[int, tuple[str, str]]:
 def write_report(report: Report, path: str) -> None:
   """TSV: group, kind, kept, list, name, sha256 prefix, perceptual hash."""
   names = _names(report, (i for g in report.groups for i in g))
-  with dl.atomic_text(os.fspath(path)) as f:
+  with output_dir.atomic_text(os.fspath(path)) as f:
     f.write("group\tkind\tkept\tlist\tname\tsha256_prefix\tperceptual_hash\n")
     for gid, group in enumerate(report.groups):
       kind = "exact" if report.is_exact(group) else "near"
@@ -436,8 +438,8 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
       backup = f"{inp.list_path}.bak"
       shutil.copyfile(inp.list_path, f"{backup}.tmp")
       os.replace(f"{backup}.tmp", backup)
-    with dl.atomic_text(out) as f:
-      for item in dl.ListReader(backup if in_place else inp.list_path):
+    with output_dir.atomic_text(out) as f:
+      for item in image_list.ListReader(backup if in_place else inp.list_path):
         key = (index, item.lineno)
         if key in dropped:
           continue

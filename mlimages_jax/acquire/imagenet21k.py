@@ -24,7 +24,12 @@ import threading
 import time
 from typing import IO, Callable
 
-from mlimages_jax.acquire import download as dl
+from mlimages_jax.acquire import errors
+from mlimages_jax.acquire import image_list
+from mlimages_jax.acquire import journal as journal_lib
+from mlimages_jax.acquire import naming
+from mlimages_jax.acquire import output_dir
+from mlimages_jax.acquire import validation
 
 _SYNSET_TAR = re.compile(r"(n\d{8})\.tar$")
 _WNID = re.compile(r"n\d{8}$")
@@ -34,12 +39,12 @@ def detect_layout(path: str) -> str:
   """'tree', 'tars' or 'release_tar' for an ImageNet copy at ``path``."""
   if os.path.isfile(path):
     if not tarfile.is_tarfile(path):
-      raise dl.AcquireError(f"{path}: not a tar file (expected the ImageNet "
-                            "release tar, a folder of <wnid>.tar files or an "
-                            "extracted <wnid>/ tree)")
+      raise errors.AcquireError(f"{path}: not a tar file (expected the "
+                                "ImageNet release tar, a folder of <wnid>.tar "
+                                "files or an extracted <wnid>/ tree)")
     return "release_tar"
   if not os.path.isdir(path):
-    raise dl.AcquireError(f"{path}: no such file or folder")
+    raise errors.AcquireError(f"{path}: no such file or folder")
   with os.scandir(path) as entries:
     for entry in entries:
       if entry.is_file() and _SYNSET_TAR.fullmatch(entry.name):
@@ -64,32 +69,34 @@ class _Extractor:
   images per second.
   """
 
-  def __init__(self, journal: dl.Journal, images: str, partial: str,
-               pool: concurrent.futures.Executor, in_flight: int) -> None:
+  def __init__(self, journal: journal_lib.Journal, images: str,
+               partial: str, pool: concurrent.futures.Executor,
+               in_flight: int) -> None:
     self.journal = journal
     self.images = images
     self.partial = partial
     self.pool = pool
     self.bar = None
     # wnid -> {member base name -> (item, output name)}
-    self.wanted: dict[str, dict[str, tuple[dl.ListItem, str]]] = (
+    self.wanted: dict[str, dict[str, tuple[image_list.ListItem, str]]] = (
         collections.defaultdict(dict))
-    self.validation = dl.ValidationConfig()
+    self.validation = validation.ValidationConfig()
     self.counts = collections.Counter()
     self._lock = threading.Lock()
     self._slots = threading.BoundedSemaphore(in_flight)
     self._errors: list[BaseException] = []
 
-  def add(self, item: dl.ListItem, name: str) -> None:
+  def add(self, item: image_list.ListItem, name: str) -> None:
     base = item.key.rsplit("/", 1)[-1]
     self.wanted[_wnid_of(item.key)][base] = (item, name)
 
-  def take(self, wnid: str, base: str) -> tuple[dl.ListItem, str] | None:
+  def take(self, wnid: str, base: str
+           ) -> tuple[image_list.ListItem, str] | None:
     group = self.wanted.get(wnid)
     return group.pop(base, None) if group else None
 
-  def store(self, item: dl.ListItem, name: str, read: Callable[[], bytes]
-            ) -> None:
+  def store(self, item: image_list.ListItem, name: str,
+            read: Callable[[], bytes]) -> None:
     """Reads the member now (tars are sequential), writes it in the pool."""
     self.raise_errors()
     body = read()
@@ -97,15 +104,16 @@ class _Extractor:
     future = self.pool.submit(self._write, item, name, body)
     future.add_done_callback(self._done)
 
-  def _write(self, item: dl.ListItem, name: str, body: bytes) -> None:
+  def _write(self, item: image_list.ListItem, name: str, body: bytes) -> None:
     try:
-      _, width, height = dl.validate_image(body, "", self.validation)
-    except dl.InvalidImage as e:
-      self._finish(dl.Record(item.lineno, False, 1, reason=e.reason,
-                             detail=e.detail))
+      _, width, height = validation.validate_image(body, "", self.validation)
+    except validation.InvalidImage as e:
+      self._finish(journal_lib.Record(item.lineno, False, 1,
+                                      reason=e.reason, detail=e.detail))
       return
-    dl.write_atomic(os.path.join(self.images, name), body, self.partial)
-    self._finish(dl.Record(
+    validation.write_atomic(os.path.join(self.images, name), body,
+                            self.partial)
+    self._finish(journal_lib.Record(
         item.lineno, True, 1, name=name, stored_bytes=len(body),
         original_bytes=len(body), width=width, height=height,
         original_width=width, original_height=height))
@@ -115,11 +123,11 @@ class _Extractor:
     if future.exception() is not None:
       self._errors.append(future.exception())
 
-  def missing(self, item: dl.ListItem, detail: str) -> None:
-    self._finish(dl.Record(item.lineno, False, 0, reason="missing",
-                           detail=detail))
+  def missing(self, item: image_list.ListItem, detail: str) -> None:
+    self._finish(journal_lib.Record(item.lineno, False, 0, reason="missing",
+                                    detail=detail))
 
-  def _finish(self, record: dl.Record) -> None:
+  def _finish(self, record: journal_lib.Record) -> None:
     with self._lock:
       self.journal.append(record)
       self.counts["ok" if record.ok else record.reason] += 1
@@ -129,7 +137,7 @@ class _Extractor:
   def raise_errors(self) -> None:
     """After the pool drained: a write error (disk full) stops the run."""
     if self._errors:
-      raise dl.AcquireError(
+      raise errors.AcquireError(
           f"stopped on a write error ({self._errors[0]}); the journal is "
           "intact, free space and rerun the same command to resume"
       ) from self._errors[0]
@@ -227,7 +235,7 @@ def extract(id_list: str, imagenet: str, out_dir: str, *,
   """
   id_list, imagenet, out_dir = map(os.fspath, (id_list, imagenet, out_dir))
   layout = detect_layout(imagenet)
-  with dl.claim_out_dir(out_dir) as (images, partial):
+  with output_dir.claim_out_dir(out_dir) as (images, partial):
     return _extract(id_list, imagenet, out_dir, layout, images, partial,
                     skip_invalid=skip_invalid, num_classes=num_classes,
                     threads=threads, progress=progress)
@@ -238,20 +246,21 @@ def _extract(id_list: str, imagenet: str, out_dir: str, layout: str,
              num_classes: int | None, threads: int, progress: bool) -> dict:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  reader = dl.ListReader(id_list, skip_invalid=skip_invalid,
-                         num_classes=num_classes)
-  names = dl.build_name_table(reader, dl.name_from_file_name)
+  reader = image_list.ListReader(id_list, skip_invalid=skip_invalid,
+                                 num_classes=num_classes)
+  names = naming.build_name_table(reader, naming.name_from_file_name)
   line_range = (1, reader.num_lines)
-  journal = dl.Journal(os.path.join(out_dir, dl.JOURNAL_NAME),
-                       {"list_sha256": dl.list_fingerprint(id_list),
-                        "name_rule": "file", "tool": "imagenet21k"})
+  journal = journal_lib.Journal(
+      os.path.join(out_dir, journal_lib.JOURNAL_NAME),
+      {"list_sha256": output_dir.list_fingerprint(id_list),
+       "name_rule": "file", "tool": "imagenet21k"})
   start = time.monotonic()
   bar = None
   adopted = collections.Counter()
   try:
-    pending = dl.iter_pending(
-        reader, names, dl.done_mask(journal, reader.num_lines), images,
-        line_range, journal.append,
+    pending = output_dir.iter_pending(
+        reader, names, output_dir.done_mask(journal, reader.num_lines),
+        images, line_range, journal.append,
         check_disk=bool(journal.records) or any(os.scandir(images)),
         on_adopt=lambda: adopted.update(["adopted"]))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -280,16 +289,16 @@ def _extract(id_list: str, imagenet: str, out_dir: str, layout: str,
          **dict(extractor.counts), **dict(adopted)}
   missing = sum(1 for r in journal.records.values()
                 if not r.ok and r.reason == "missing")
-  stats = dl.write_outputs(out_dir, reader, journal, line_range, "id",
-                           {"last_run": run, "missing": missing})
+  stats = output_dir.write_outputs(out_dir, reader, journal, line_range,
+                                   "id", {"last_run": run, "missing": missing})
   _write_missing(out_dir, reader, journal)
   return stats
 
 
-def _write_missing(out_dir: str, reader: dl.ListReader,
-                   journal: dl.Journal) -> None:
+def _write_missing(out_dir: str, reader: image_list.ListReader,
+                   journal: journal_lib.Journal) -> None:
   """DIR/missing.txt: the IDs absent from the user's copy, in input order."""
-  with dl.atomic_text(os.path.join(out_dir, "missing.txt")) as f:
+  with output_dir.atomic_text(os.path.join(out_dir, "missing.txt")) as f:
     for item in reader:
       record = journal.records.get(item.lineno)
       if record is not None and not record.ok and record.reason == "missing":

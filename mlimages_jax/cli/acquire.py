@@ -20,7 +20,10 @@ def _add_list_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
   """Adds the acquisition commands."""
-  from mlimages_jax.acquire import download as dl  # Light: numpy + labels.
+  # Light: numpy + labels.
+  from mlimages_jax.acquire import download as dl
+  from mlimages_jax.acquire import naming
+  from mlimages_jax.acquire import validation
 
   p = subparsers.add_parser(
       "download", help="download an ML-Images URL list (resumable)",
@@ -57,12 +60,13 @@ def register(subparsers) -> None:
                  "(0-based) of the list; names stay globally unique")
   p.add_argument("--max-side", type=int, default=None,
                  help="re-encode images whose longer side exceeds PX")
-  p.add_argument("--quality", type=int, default=dl.ValidationConfig.quality,
+  p.add_argument("--quality", type=int,
+                 default=validation.ValidationConfig.quality,
                  help="JPEG quality for --max-side re-encoding")
   p.add_argument("--verify", choices=("header", "full"), default="header",
                  help="header: magic bytes, PIL header, end marker; full: "
                  "also decode every image (catches corrupt streams; more CPU)")
-  p.add_argument("--name-rule", choices=sorted(dl.NAME_RULES),
+  p.add_argument("--name-rule", choices=sorted(naming.NAME_RULES),
                  default="folder_file",
                  help="folder_file: <last URL folder>_<file name> (the "
                  "original's documented rule); file: the URL's file name only "
@@ -133,18 +137,22 @@ def register(subparsers) -> None:
 def _download(args: argparse.Namespace) -> int:
   from mlimages_jax.data import labels
   from mlimages_jax.acquire import download as dl
+  from mlimages_jax.acquire import errors
+  from mlimages_jax.acquire import image_list
+  from mlimages_jax.acquire import validation
 
   try:
     config = dl.DownloadConfig(
         workers=args.workers, per_host=args.per_host,
         processes=args.processes, threads=args.threads, timeout=args.timeout,
         retries=args.retries, max_retry_after=args.max_retry_after,
-        max_redirects=args.max_redirects, shard=dl.parse_shard(args.shard),
+        max_redirects=args.max_redirects,
+        shard=image_list.parse_shard(args.shard),
         skip_invalid=args.skip_invalid, num_classes=args.num_classes,
         name_rule=args.name_rule,
         placeholder_url_patterns=tuple(
             args.placeholder_url or dl.DEFAULT_PLACEHOLDER_URL_PATTERNS),
-        validation=dl.ValidationConfig(
+        validation=validation.ValidationConfig(
             placeholder_hashes=dl.load_placeholder_hashes(
                 args.placeholder_hashes, args.placeholder_hash),
             verify=args.verify, max_side=args.max_side,
@@ -152,7 +160,7 @@ def _download(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed, fsync=not args.no_fsync,
         progress=not args.no_progress)
     stats = dl.download(args.url_list, args.out, config)
-  except (ValueError, OSError, dl.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   _print_summary(stats)
@@ -161,7 +169,7 @@ def _download(args: argparse.Namespace) -> int:
 
 def _imagenet21k_extract(args: argparse.Namespace) -> int:
   from mlimages_jax.data import labels
-  from mlimages_jax.acquire import download as dl
+  from mlimages_jax.acquire import errors
   from mlimages_jax.acquire import imagenet21k
 
   try:
@@ -169,7 +177,7 @@ def _imagenet21k_extract(args: argparse.Namespace) -> int:
         args.id_list, args.imagenet, args.out,
         skip_invalid=args.skip_invalid, num_classes=args.num_classes,
         threads=args.threads, progress=not args.no_progress)
-  except (ValueError, OSError, dl.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   _print_summary(stats)
@@ -182,7 +190,7 @@ def _imagenet21k_extract(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
   from mlimages_jax.data import labels
   from mlimages_jax.acquire import dedup
-  from mlimages_jax.acquire import download as dl
+  from mlimages_jax.acquire import errors
 
   if args.in_place and not args.drop:
     print("error: --in-place needs --drop", file=sys.stderr)
@@ -195,7 +203,7 @@ def _dedup(args: argparse.Namespace) -> int:
     dedup.write_report(report, args.out)
     written = (dedup.drop_duplicates(report, in_place=args.in_place)
                if args.drop else [])
-  except (ValueError, OSError, dl.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"{report.num_images} images, {len(report.groups)} duplicate groups "
