@@ -1,4 +1,4 @@
-"""Benchmark: `labels.augment_file` against plainly reading and splitting lines.
+"""Benchmark: `augment_file` against plainly reading and splitting lines.
 
 Data: annotation lists shaped like the un-augmented ML-Images lists, built
 from the real hierarchy (or, when the original files are absent, a generated
@@ -15,7 +15,7 @@ random leaves to those 1,134 tag classes, confidence 0.5-0.9.
 
 Timed in the same run, on the same file, interleaved, best of `--repeats`:
 - baseline: ``for line in open(f): line.split()`` (plain Python, no output);
-- augment: `labels.augment_file` in this process (parse, close over the
+- augment: `augment.augment_file` in this process (parse, close over the
   hierarchy, format, atomic write) with its compiled (numba) kernel, and
   again with co-occurrence pairs, and with `--workers` threads.
 Once: the NumPy path (``compiled=False``, what augment ran before the
@@ -62,7 +62,10 @@ from typing import Iterator
 
 import numpy as np
 
-from mlimages_jax.data import labels
+from mlimages_jax.data import annotations
+from mlimages_jax.data import augment as augment_lib
+from mlimages_jax.data import closure
+from mlimages_jax.data import cooccurrence
 from mlimages_jax.data.hierarchy import Hierarchy
 
 DEFAULT_SHARED = pathlib.Path(os.environ.get(
@@ -148,10 +151,11 @@ def write_pairs(path: pathlib.Path, tree: Hierarchy, seed: int) -> None:
 
 def augment(tree: Hierarchy, path: pathlib.Path, out: pathlib.Path,
             workers: int = 1, **options
-            ) -> tuple[float, float, labels.AugmentSummary]:
+            ) -> tuple[float, float, augment_lib.AugmentSummary]:
   """(wall, CPU, summary) of the whole augment; CPU of all its threads."""
   wall, cpu = time.perf_counter(), time.process_time()
-  summary = labels.augment_file(tree, path, out, workers=workers, **options)
+  summary = augment_lib.augment_file(tree, path, out, workers=workers,
+                                     **options)
   return time.perf_counter() - wall, time.process_time() - cpu, summary
 
 
@@ -160,8 +164,9 @@ def per_line(tree: Hierarchy, path: pathlib.Path, num_rows: int) -> float:
   cpu = time.process_time()
   with open(path) as f:
     for _, line in zip(range(num_rows), f):
-      key, idx, conf = labels.parse_line(line, num_classes=tree.num_classes)
-      labels.format_line(key, *labels.augment(tree, idx, conf))
+      key, idx, conf = annotations.parse_line(line,
+                                              num_classes=tree.num_classes)
+      annotations.format_line(key, *closure.augment(tree, idx, conf))
   return (time.process_time() - cpu) / num_rows
 
 
@@ -183,11 +188,11 @@ def first_call_s(hierarchy_file: pathlib.Path, path: pathlib.Path,
   hierarchy loading are not counted.
   """
   code = ("import sys, time\n"
-          "from mlimages_jax import labels\n"
+          "from mlimages_jax.data import augment\n"
           "from mlimages_jax.data.hierarchy import Hierarchy\n"
           "tree = Hierarchy.from_file(sys.argv[1])\n"
           "cpu = time.process_time()\n"
-          "labels.augment_file(tree, sys.argv[2], sys.argv[3])\n"
+          "augment.augment_file(tree, sys.argv[2], sys.argv[3])\n"
           "print(time.process_time() - cpu)\n")
   return float(run_fresh(code, hierarchy_file, path, out,
                          env={"NUMBA_CACHE_DIR": str(cache_dir)}))
@@ -202,10 +207,10 @@ def peak_rss_mb(hierarchy_file: pathlib.Path, path: pathlib.Path,
   """
   code = (
       "import re, resource, sys\n"
-      "from mlimages_jax import labels\n"
+      "from mlimages_jax.data import augment\n"
       "from mlimages_jax.data.hierarchy import Hierarchy\n"
       "tree = Hierarchy.from_file(sys.argv[1])\n"
-      "labels.augment_file(tree, sys.argv[2], sys.argv[3], workers=1)\n"
+      "augment.augment_file(tree, sys.argv[2], sys.argv[3], workers=1)\n"
       "try:\n"
       "  status = open('/proc/self/status').read()\n"
       "  print(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
@@ -240,7 +245,7 @@ def main() -> None:
     write_rows(tiny, tree, 1000, args.seed + 2)
     write_pairs(pairs_file, tree, args.seed)
     tree.write(hierarchy_file)
-    pairs = labels.load_cooccurrence_pairs(pairs_file, tree.num_classes)
+    pairs = cooccurrence.load_cooccurrence_pairs(pairs_file, tree.num_classes)
     print(f"generated {args.rows} + {args.rows // 4} rows in "
           f"{time.perf_counter() - start:.1f} s ({big.stat().st_size / 1e6:.0f}"
           " MB)")
@@ -249,7 +254,7 @@ def main() -> None:
     cache_load_s = first_call_s(hierarchy_file, tiny, tmp / "o.txt",
                                 tmp / "numba_cache")
     for options in ({}, {"pairs": pairs}):  # Warm up: load (or compile).
-      labels.augment_file(tree, tiny, tmp / "o.txt", **options)
+      augment_lib.augment_file(tree, tiny, tmp / "o.txt", **options)
     base, one, cooc, many = [], [], [], []
     for _ in range(args.repeats):  # Interleaved: all see the same load.
       base.append(baseline(big))

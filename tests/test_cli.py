@@ -11,8 +11,10 @@ import sys
 import numpy as np
 import pytest
 
+from mlimages_jax.data import annotation_reader
+from mlimages_jax.data import annotations
+from mlimages_jax.data import closure
 from mlimages_jax.data import cooccurrence
-from mlimages_jax.data import labels
 from mlimages_jax.cli import main
 from mlimages_jax.data.hierarchy import HEADER, Hierarchy
 
@@ -150,7 +152,7 @@ def test_labels_cooccurrence(capsys, dictionary, tmp_path):
       "--images", tmp_path / "images.txt", "--columns",
       tmp_path / "columns.txt", "--dictionary", dictionary, "--out", out)
   assert code == 0 and stdout.startswith("1 pairs")
-  pairs = labels.load_cooccurrence_pairs(out, 7)
+  pairs = cooccurrence.load_cooccurrence_pairs(out, 7)
   assert pairs.sources.tolist() == [3] and pairs.targets.tolist() == [6]
   assert pairs.confidences.tolist() == [np.float32(0.9)]
   (tmp_path / "columns.txt").write_text("2\n")
@@ -194,9 +196,10 @@ def test_real_files_through_a_subprocess(shared_dir, real_hierarchy_path,
   closed = out.read_text().splitlines()
   assert sum(line.count("\t") for line in closed) == 1103  # From 827 labels.
   for (key, idx, conf), line in zip(
-      labels.read_annotation_file(shared_dir / "train_urls_tiny.txt"),
-      closed):
-    assert line == labels.format_line(key, *labels.augment(tree, idx, conf))
+      annotation_reader.read_annotation_file(
+          shared_dir / "train_urls_tiny.txt"), closed):
+    assert line == annotations.format_line(
+        key, *closure.augment(tree, idx, conf))
   script = shutil.which("mlimages") or str(
       pathlib.Path(sys.executable).parent / "mlimages")
   done = subprocess.run([script, "hierarchy", "stats", "--json",

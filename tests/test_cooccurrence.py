@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mlimages_jax.data import annotations
+from mlimages_jax.data import closure
 from mlimages_jax.data import cooccurrence as cooc
-from mlimages_jax.data import labels
 from mlimages_jax.data.hierarchy import Hierarchy
 
 NUM_CLASSES = 40
@@ -107,7 +108,7 @@ def test_save_load_and_expand(tree, tmp_path):
   path = tmp_path / cooc.PAIRS_FILE_NAME
   pairs.save(path, tree, rules)
   assert not [p for p in tmp_path.iterdir() if p.name != path.name]
-  loaded = labels.load_cooccurrence_pairs(path, NUM_CLASSES)
+  loaded = cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
   order = np.lexsort((pairs.targets, pairs.sources))
   np.testing.assert_array_equal(loaded.sources, pairs.sources[order])
   np.testing.assert_array_equal(loaded.targets, pairs.targets[order])
@@ -127,9 +128,9 @@ def test_save_load_and_expand(tree, tmp_path):
     for i, c in zip(idx.tolist(), conf.tolist()):
       for t, pc in table.get(i, []) if c > 0 else []:
         expected[t] = max(expected.get(t, -2.0), min(c, pc))
-    closed = labels.close_over_ancestors(tree, list(expected),
-                                         list(expected.values()))
-    got = labels.augment(tree, idx, conf, pairs=loaded)
+    closed = closure.close_over_ancestors(tree, list(expected),
+                                          list(expected.values()))
+    got = closure.augment(tree, idx, conf, pairs=loaded)
     np.testing.assert_array_equal(got[0], closed[0])
     np.testing.assert_array_equal(got[1], closed[1])
 
@@ -138,14 +139,15 @@ def test_load_errors_name_file_and_line(tmp_path):
   path = tmp_path / "pairs.tsv"
   path.write_text("# comment\nsource_index\ttarget_index\tconfidence\n"
                   "3\t30\t0.8\n4\t99\t0.8\n")
-  with pytest.raises(labels.LabelError,
+  with pytest.raises(annotations.LabelError,
                      match=rf"^{path}:4: target index 99 out of range"):
     cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
   path.write_text("3\t30\t0.8\n3\t31\n")  # Headerless: first three columns.
-  with pytest.raises(labels.LabelError, match=rf"^{path}:2: expected"):
+  with pytest.raises(annotations.LabelError, match=rf"^{path}:2: expected"):
     cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
   path.write_text("3\t30\t1.5\n")
-  with pytest.raises(labels.LabelError, match=rf"^{path}:1: confidence"):
+  with pytest.raises(annotations.LabelError,
+                     match=rf"^{path}:1: confidence"):
     cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
 
 

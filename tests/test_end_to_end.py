@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mlimages_jax.data import labels as labels_lib
+from mlimages_jax.data import annotation_reader
 from mlimages_jax.data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,7 +139,8 @@ def test_acquisition_writes_closed_lists_and_images(sources, manual_dir):
   hierarchy = sources["hierarchy"]
   for (part, split), examples in sources["expected"].items():
     folder = manual_dir / part / split
-    rows = list(labels_lib.read_annotation_file(folder / "im_list.txt"))
+    rows = list(annotation_reader.read_annotation_file(
+        folder / "im_list.txt"))
     assert len(rows) == len(examples)
     for key, indices, confidences in rows:
       example = examples[key]

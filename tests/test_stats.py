@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlimages_jax.data import labels
+from mlimages_jax.data import annotations
 from mlimages_jax.data import stats
 from mlimages_jax.data.hierarchy import Hierarchy
 
@@ -25,8 +25,8 @@ def write_lists(tmp_path: pathlib.Path, num_classes: int):
       idx = rng.choice(num_classes, k, p=np.arange(1, num_classes + 1)
                        / np.arange(1, num_classes + 1).sum())
       conf = rng.choice(np.float32([1, 0.8, -1]), k)
-      lines.append(labels.format_line(f"p{part}_{n}", idx, conf))
-      rows.append(labels.parse_line(lines[-1]))
+      lines.append(annotations.format_line(f"p{part}_{n}", idx, conf))
+      rows.append(annotations.parse_line(lines[-1]))
     path = tmp_path / f"list_{part}.txt"
     path.write_text("\n".join(lines) + "\n")
     paths.append(path)

@@ -14,7 +14,10 @@ from typing import Iterator
 from mlimages_jax.cli.hierarchy import add_dictionary_argument
 from mlimages_jax.cli.hierarchy import load_dictionary
 from mlimages_jax import fileio
-from mlimages_jax.data import labels as labels_lib
+from mlimages_jax.data import annotations
+from mlimages_jax.data import cooccurrence
+from mlimages_jax.data import openimages
+from mlimages_jax.data.augment import augment_file
 
 # LabelError and HierarchyError are ValueErrors.
 _BAD_INPUT = (OSError, ValueError)
@@ -71,8 +74,7 @@ def register(subparsers) -> None:
   add_dictionary_argument(cooc)
   cooc.add_argument("--out", required=True,
                     help="output TSV (e.g. cooccurrence_pairs.tsv), atomic")
-  from mlimages_jax.data.cooccurrence import CooccurrenceRules  # Cheap.
-  defaults = CooccurrenceRules()
+  defaults = cooccurrence.CooccurrenceRules()
   cooc.add_argument("--threshold", type=float, default=defaults.threshold,
                     help="minimum mean score of the tag on the class's "
                     "images (default %(default)s)")
@@ -131,14 +133,12 @@ def _augment(args: argparse.Namespace) -> int:
   try:
     tree = load_dictionary(args)
     pairs = (None if args.cooccurrence is None else
-             labels_lib.load_cooccurrence_pairs(args.cooccurrence,
-                                                tree.num_classes))
+             cooccurrence.load_cooccurrence_pairs(args.cooccurrence,
+                                                  tree.num_classes))
     with _progress(os.path.getsize(args.input), "augment") as progress:
-      summary = labels_lib.augment_file(tree, args.input, args.output,
-                                        pairs=pairs,
-                                        skip_invalid=args.skip_invalid,
-                                        workers=args.workers,
-                                        progress=progress)
+      summary = augment_file(tree, args.input, args.output, pairs=pairs,
+                             skip_invalid=args.skip_invalid,
+                             workers=args.workers, progress=progress)
   except _BAD_INPUT as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -157,10 +157,10 @@ def _augment(args: argparse.Namespace) -> int:
 def _remap(args: argparse.Namespace) -> int:
   try:
     tree = load_dictionary(args)
-    mapping = labels_lib.load_openimages_mapping(args.mapping,
+    mapping = openimages.load_openimages_mapping(args.mapping,
                                                  tree.num_classes)
     with _progress(os.path.getsize(args.input), "remap") as progress:
-      summary = labels_lib.remap_openimages_file(
+      summary = openimages.remap_openimages_file(
           args.input, args.output, mapping, keep_empty=args.keep_empty,
           skip_invalid=args.skip_invalid, progress=progress)
   except _BAD_INPUT as e:
@@ -180,7 +180,6 @@ def _remap(args: argparse.Namespace) -> int:
 
 def _cooccurrence(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mlimages_jax.data import cooccurrence  # pylint: disable=g-import-not-at-top
   try:
     tree = load_dictionary(args)
     scores = np.load(args.scores, mmap_mode="r")
@@ -219,11 +218,11 @@ def _read_columns(path: str, num_classes: int) -> list[int]:
       try:
         index = int(text.split()[0])
       except ValueError:
-        raise labels_lib.LabelError(path, lineno, f"expected an ML-Images "
-                                    f"class index, got {text!r}") from None
+        raise annotations.LabelError(path, lineno, f"expected an ML-Images "
+                                     f"class index, got {text!r}") from None
       if not 0 <= index < num_classes:
-        raise labels_lib.LabelError(path, lineno, f"class index {index} out "
-                                    f"of range 0..{num_classes - 1}")
+        raise annotations.LabelError(path, lineno, f"class index {index} "
+                                     f"out of range 0..{num_classes - 1}")
       columns.append(index)
   return columns
 

@@ -31,7 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from mlimages_jax.data import labels
+from mlimages_jax.data import annotation_reader
+from mlimages_jax.data import annotations
 from mlimages_jax.fileio import PathLike, atomic_writer
 from mlimages_jax.data.hierarchy import Hierarchy
 from mlimages_jax.data.hierarchy import ragged_arange
@@ -143,7 +144,7 @@ class CooccurrencePairs:
     pair = ragged_arange(pair_ptr[sources], counts)
     added = np.minimum(np.repeat(confidences[positive], counts),
                        self.confidences[pair])
-    return labels.reduce_max(
+    return annotations.reduce_max(
         np.concatenate([rows, np.repeat(rows[positive], counts)]),
         np.concatenate([indices, self.targets[pair]]),
         np.concatenate([confidences, added]), num_rows, self.num_classes)
@@ -165,7 +166,7 @@ class CooccurrencePairs:
           (np.zeros(len(self), int) if self.supports is None
            else self.supports).tolist()):
         f.write(f"{s}\t{hierarchy.wnids[s]}\t{t}\t{hierarchy.wnids[t]}\t"
-                f"{labels.format_confidence(c)}\t{m:.4f}\t{l:.3f}\t{n}\n")
+                f"{annotations.format_confidence(c)}\t{m:.4f}\t{l:.3f}\t{n}\n")
 
 
 def select_pairs(matrix: CooccurrenceMatrix, hierarchy: Hierarchy,
@@ -225,8 +226,9 @@ def image_classes(path: PathLike, hierarchy: Hierarchy, *,
   """
   out = []
   depth = hierarchy.depth.astype(np.int64)
-  for batch in labels.AnnotationReader(path, num_classes=hierarchy.num_classes,
-                                       skip_invalid=skip_invalid).batches():
+  for batch in annotation_reader.AnnotationReader(
+      path, num_classes=hierarchy.num_classes,
+      skip_invalid=skip_invalid).batches():
     rows = np.repeat(np.arange(len(batch)), np.diff(batch.indptr))
     positive = batch.confidences > 0
     best = np.full(len(batch), -1, np.int64)
@@ -258,25 +260,26 @@ def load_cooccurrence_pairs(path: PathLike, num_classes: int
           columns = [fields.index(c) for c in ("source_index", "target_index",
                                                "confidence")]
         except ValueError:
-          raise labels.LabelError(source, lineno, "the header must name "
-                                  "source_index, target_index and confidence"
-                                  ) from None
+          raise annotations.LabelError(
+              source, lineno, "the header must name source_index, "
+              "target_index and confidence") from None
         continue
       s_col, t_col, c_col = columns or (0, 1, 2)
       try:
         s, t = int(fields[s_col]), int(fields[t_col])
         c = float(fields[c_col])
       except (ValueError, IndexError):
-        raise labels.LabelError(source, lineno, "expected source_index, "
-                                "target_index and confidence, got "
-                                f"{line[:80]!r}") from None
+        raise annotations.LabelError(source, lineno, "expected source_index, "
+                                     "target_index and confidence, got "
+                                     f"{line[:80]!r}") from None
       for name, value in (("source", s), ("target", t)):
         if not 0 <= value < num_classes:
-          raise labels.LabelError(source, lineno, f"{name} index {value} out "
-                                  f"of range 0..{num_classes - 1}")
+          raise annotations.LabelError(source, lineno, f"{name} index "
+                                       f"{value} out of range "
+                                       f"0..{num_classes - 1}")
       if not 0.0 < c <= 1.0:
-        raise labels.LabelError(source, lineno, f"confidence {c} outside "
-                                "(0, 1]")
+        raise annotations.LabelError(source, lineno, f"confidence {c} "
+                                     "outside (0, 1]")
       sources.append(s)
       targets.append(t)
       confs.append(c)

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mlimages_jax.fileio import PathLike, atomic_writer
+from mlimages_jax.data.annotation_reader import AnnotationReader
 from mlimages_jax.data.hierarchy import Hierarchy
-from mlimages_jax.data.labels import AnnotationReader
 
 TRAINABLE_MIN_IMAGES = 100  # "Trainable": more than this many images.
 MAX_TAGS_BIN = 50  # The histogram's last bar is ">= 50", as in the original.

@@ -33,8 +33,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
-from mlimages_jax.data import labels as labels_lib
 
 ROOTS = ("round", "angular", "linear")
 # (shape name, root index); the order is the single-label class order.
@@ -238,7 +238,7 @@ def generate_example(hierarchy: hierarchy_lib.Hierarchy, split: str,
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
   leaves = np.unique(np.asarray([o.leaf for o in objects], np.int32))
-  indices, confidences = labels_lib.augment(
+  indices, confidences = closure.augment(
       hierarchy, leaves, np.ones(len(leaves), np.float32))
   return SyntheticExample(
       key=f"{split}_{index:06d}", jpeg=buffer.getvalue(), labels=indices,

@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from mlimages_jax.data import annotations as annotations_lib
 from mlimages_jax.data import cooccurrence
 from mlimages_jax.data import hierarchy as hierarchy_lib
-from mlimages_jax.data import labels as labels_lib
 
 DUMMY_DATA = pathlib.Path(__file__).resolve().parent / "dummy_data"
 IMAGE_KINDS = ("jpeg", "png", "gray", "cmyk", "corrupt")
@@ -111,7 +111,8 @@ def write_split(split_dir: pathlib.Path,
   for (file_name, data), (indices, confidences) in zip(images, annotations):
     if data is not None:
       (split_dir / "images" / file_name).write_bytes(data)
-    lines.append(labels_lib.format_line(file_name, indices, confidences) + "\n")
+    lines.append(annotations_lib.format_line(file_name, indices, confidences)
+                 + "\n")
   (split_dir / "im_list.txt").write_text("".join(lines), encoding="utf-8")
 
 

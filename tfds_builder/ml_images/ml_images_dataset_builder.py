@@ -26,8 +26,10 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from mlimages_jax.data import annotations
+from mlimages_jax.data import closure
+from mlimages_jax.data import cooccurrence
 from mlimages_jax.data import hierarchy as hierarchy_lib
-from mlimages_jax.data import labels as labels_lib
 from mlimages_jax.data import synthetic
 
 beam = tfds.core.lazy_imports.apache_beam
@@ -220,7 +222,7 @@ def _parse_chunk(chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
       line = raw.decode("utf-8")
       if not line.strip():
         continue
-      rows.append(labels_lib.parse_line(
+      rows.append(annotations.parse_line(
           line, num_classes=hierarchy.num_classes, source=chunk.list_path,
           lineno=lineno))
       if len(rows) == batch_lines:
@@ -236,7 +238,7 @@ def _augmented(rows: list[tuple[str, np.ndarray, np.ndarray]],
     return
   indptr = np.zeros(len(rows) + 1, np.int64)
   np.cumsum([len(indices) for _, indices, _ in rows], out=indptr[1:])
-  indptr, indices, confidences = labels_lib.augment_batch(
+  indptr, indices, confidences = closure.augment_batch(
       hierarchy, indptr, np.concatenate([r[1] for r in rows]),
       np.concatenate([r[2] for r in rows]), pairs=pairs)
   images_dir = epath.Path(chunk.images_dir)
@@ -427,8 +429,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
               for split in SPLITS}
     chunks = self._list_chunks(manual_dir)
     pairs_path = manual_dir / PAIRS_FILE
-    pairs = (labels_lib.load_cooccurrence_pairs(pairs_path,
-                                                hierarchy.num_classes)
+    pairs = (cooccurrence.load_cooccurrence_pairs(pairs_path,
+                                                  hierarchy.num_classes)
              if pairs_path.exists() else None)
     return {split: self._generate_examples(
         split=split, chunks=chunks[split], hierarchy=hierarchy, pairs=pairs)

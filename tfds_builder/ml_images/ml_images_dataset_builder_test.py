@@ -21,8 +21,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mlimages_jax.data import annotations
+from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
-from mlimages_jax.data import labels as labels_lib
 from mlimages_jax.data import synthetic
 from tfds_builder.ml_images import create_dummy_data as dummy
 from tfds_builder.ml_images import ml_images_dataset_builder as mib
@@ -128,9 +129,9 @@ def _expected_labels(list_path: pathlib.Path,
                      pairs=None) -> dict[str, tuple]:
   rows = {}
   for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
-    key, idx, conf = labels_lib.parse_line(line, source=str(list_path),
-                                           lineno=lineno)
-    rows[key] = labels_lib.augment(hierarchy, idx, conf, pairs)
+    key, idx, conf = annotations.parse_line(line, source=str(list_path),
+                                            lineno=lineno)
+    rows[key] = closure.augment(hierarchy, idx, conf, pairs)
   return rows
 
 
@@ -217,7 +218,7 @@ def test_out_of_range_class_names_file_and_line(manual_dir, tmp_path):
   shutil.copytree(manual_dir, root)
   list_path = root / "openimages" / "validation" / "im_list.txt"
   list_path.write_text(list_path.read_text() + "v2.jpg\t3:1\t10:0.9\n")
-  with pytest.raises(labels_lib.LabelError,
+  with pytest.raises(annotations.LabelError,
                      match=rf"^{list_path}:3: class index 10 out of range"):
     _build(root, tmp_path / "data", _lenient())
 
@@ -301,8 +302,8 @@ def test_real_photos_are_stored_byte_for_byte(shared_dir, real_hierarchy_path,
   for i, photo in enumerate(photos):
     ex = examples[photo.name]
     assert ex["image"] == photo.read_bytes()
-    want = labels_lib.augment(hierarchy, np.int32([1000 + i, 5000 + i]),
-                              np.float32([0.9, 1.0]))
+    want = closure.augment(hierarchy, np.int32([1000 + i, 5000 + i]),
+                           np.float32([0.9, 1.0]))
     np.testing.assert_array_equal(ex["labels"], want[0])
     np.testing.assert_array_equal(ex["confidences"], want[1])
   assert len(builder.info.metadata["wnids"]) == 11166

@@ -1,4 +1,4 @@
-"""Compiled (numba) hot path of `labels.augment_file`: bytes in, bytes out.
+"""Compiled (numba) hot path of `augment.augment_file`: bytes in, bytes out.
 
 One call walks whole lines of a chunk and, for each, parses the key and the
 ``index[:confidence]`` tokens, merges repeated indices, adds co-occurrence
@@ -6,21 +6,21 @@ targets, closes over the hierarchy's ancestor CSR, sorts and writes the
 closed line, all without a Python object per line. That is what brings the
 augment of a file to a small multiple of merely splitting its lines.
 
-It only handles lines it can parse exactly as `labels.parse_line` does
+It only handles lines it can parse exactly as `annotations.parse_line` does
 (ASCII digits; confidences ``[-]digits[.digits]`` of at most 15 digits, whose
 float64 value ``m / 10**k`` is then correctly rounded, as ``float()`` is)
 and values whose text it knows. Any other line (invalid, unusual, or with a
 value whose text it cannot write) is deferred: its position is returned and
-`labels.ChunkAugmenter` runs the NumPy path on it, which either formats it or
-raises the error naming file and line. So both paths give the same bytes.
+`augment.ChunkAugmenter` runs the NumPy path on it, which either formats it
+or raises the error naming file and line. So both paths give the same bytes.
 
-Confidence texts come from `labels.format_confidence` through a small hash
-table keyed by float32 bits: a value seen for the first time stops the call
-so that Python can add its text (a handful of stops per file); once the
+Confidence texts come from `annotations.format_confidence` through a small
+hash table keyed by float32 bits: a value seen for the first time stops the
+call so that Python can add its text (a handful of stops per file); once the
 table is full, lines with new values are deferred instead. -0.0 is never
 given a text: a -0/+0 tie is settled by the NumPy path's sort order.
 
-This module imports numba, so `labels` imports it lazily (the label tools
+This module imports numba, so `augment` imports it lazily (the label tools
 start fast). Compiled code is cached on disk (``cache=True``: next to this
 file, or in numba's per-user cache directory when the package is read-only).
 """
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numba
 import numpy as np
 
+from mlimages_jax.data.annotations import format_confidence
 from mlimages_jax.data.hierarchy import Hierarchy
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ _inline = _jit(inline="always")
 
 @_inline
 def _is_space(byte) -> bool:
-  return byte == 32 or 9 <= byte <= 13  # What `labels._WHITESPACE` splits.
+  # What `annotations.WHITESPACE` splits.
+  return byte == 32 or 9 <= byte <= 13
 
 
 @_inline
@@ -375,7 +377,6 @@ class Kernel:
 
   def add_text(self, bits: int) -> None:
     """Adds the text of a float32 value; -0.0 and long texts get none."""
-    from mlimages_jax.data.labels import format_confidence  # Circular.
     value = np.array([bits], np.uint32).view(np.float32)[0]
     text = format_confidence(float(value)).encode()
     slot = _slot(self.keys, bits)
