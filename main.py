@@ -1,6 +1,6 @@
 r"""Trains a model from a config: ``python main.py --config=... --workdir=...``.
 
-All logic lives in `mlimages_jax.train`; this file only parses flags, joins
+All logic lives in `mlimages_jax.train.loop`; this file only parses flags, joins
 the multi-process run and turns user errors into a message and exit code 1.
 Multi-host: run the same command on every host, adding
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` unless the
@@ -43,13 +43,15 @@ def main(argv: list[str]) -> int:
   # Imported here so that --help and flag errors return at once.
   from mlimages_jax.checkpoints import store
   from mlimages_jax.inputs import pipeline
-  from mlimages_jax import train
+  from mlimages_jax.train import config as config_lib
+  from mlimages_jax.train import distributed
+  from mlimages_jax.train import loop
 
-  train.initialize_distributed(FLAGS.coordinator_address,
-                               FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_distributed(FLAGS.coordinator_address,
+                                     FLAGS.num_processes, FLAGS.process_id)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, store.CheckpointError,
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (config_lib.ConfigError, store.CheckpointError,
           pipeline.DatasetNotBuiltError, FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

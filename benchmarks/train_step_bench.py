@@ -3,11 +3,11 @@
 Loop efficiency = the full training loop's step rate / the bare compiled step's
 rate, both measured in this run, on the same model, batch and devices:
 
-- bare step: the pmapped `train.train_step`, fed one real batch of the input
+- bare step: the pmapped `steps_lib.train_step`, fed one real batch of the input
   pipeline (same shapes and keys as in the loop, so the same program, colour
   augmentation included) that already sits on the devices; ``--steps`` steps
   after compilation. The ceiling: no input, no host work, no syncs.
-- full loop: `train.train_and_evaluate` on ``ml_images/synthetic`` (built if
+- full loop: `loop.train_and_evaluate` on ``ml_images/synthetic`` (built if
   missing) with the recipe's loss (§7 adaptive sigmoid) and augmentation
   (crops, flips, rotations; colour on the device), host-to-device transfers,
   metric logging every ``--log_every`` (50) steps and asynchronous Orbax
@@ -254,21 +254,27 @@ class BareStep:
 
   def __init__(self, config, host_batch: dict[str, np.ndarray],
                num_classes: int):
-    import jax  # pylint: disable=g-import-not-at-top
-    from mlimages_jax import train  # pylint: disable=g-import-not-at-top
-    model = train.create_model(config, num_classes)
-    learning_rate_fn = train.create_learning_rate_fn(config)
-    tx = train.create_optimizer(config, learning_rate_fn)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model,
-                                     config.image_size, tx)
-    step = train.pmap_train_step(
-        model, tx, config, train.batch_norm_modules(state.batch_stats),
+    # pylint: disable=g-import-not-at-top
+    import jax
+    from mlimages_jax.train import distributed
+    from mlimages_jax.train import optimizer as optimizer_lib
+    from mlimages_jax.train import schedule as schedule_lib
+    from mlimages_jax.train import state as state_lib
+    from mlimages_jax.train import steps as steps_lib
+    model = state_lib.create_model(config, num_classes)
+    learning_rate_fn = schedule_lib.create_learning_rate_fn(config)
+    tx = optimizer_lib.create_optimizer(config, learning_rate_fn)
+    state = state_lib.create_train_state(jax.random.PRNGKey(0), model,
+                                         config.image_size, tx)
+    step = steps_lib.pmap_train_step(
+        model, tx, config, optimizer_lib.batch_norm_modules(state.batch_stats),
         learning_rate_fn)
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train.AXIS_NAME,))
-    sharding = jax.NamedSharding(mesh, jax.P(train.AXIS_NAME))
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()),
+                             (distributed.AXIS_NAME,))
+    sharding = jax.NamedSharding(mesh, jax.P(distributed.AXIS_NAME))
     self._batch = {k: jax.device_put(v, sharding)
                    for k, v in host_batch.items()}
-    self._state = train.replicate(state)
+    self._state = distributed.replicate(state)
     self.batch_size = config.batch_size
     # Run what was compiled here (calling `step` would compile it again).
     self._step = step.lower(self._state, self._batch).compile()
@@ -294,9 +300,9 @@ class BareStep:
 def measure_loop(config, workdir: pathlib.Path, clock: DeviceClock) -> Phase:
   """`train_and_evaluate` from the end of its first logging interval to its
   last step."""
-  from mlimages_jax import train  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.train import loop  # pylint: disable=g-import-not-at-top
   with ProgressSampler(clock).listening() as sampler:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   if len(sampler.samples) < 2:
     raise SystemExit(f"--loop_steps must cover at least two logging "
                      f"intervals; the loop logged steps "
@@ -346,7 +352,9 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   # A persistent cache: every round's loop compiles the same programs.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  from mlimages_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.train import inputs as train_inputs
+  from mlimages_jax.train import loop
 
   device = jax.local_devices()[0]
   print(f"devices: {jax.local_device_count()} x {device.device_kind}; "
@@ -363,7 +371,7 @@ def main() -> None:
     config.data_dir = args.data_dir or str(tmp / "tfds")
     if args.loop_steps:
       # A real training batch: the bare step runs the loop's very program.
-      iterator = train.create_train_iterator(config)
+      iterator = train_inputs.create_train_iterator(config)
       host_batch, num_classes = next(iterator), iterator.num_classes
     else:
       num_classes = args.num_classes or 45

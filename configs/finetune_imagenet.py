@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mlimages_jax.train.config import base_config
+
 VARIANTS = ("demo", "smoke")
 
 
@@ -67,54 +69,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", *VARIANTS):
     raise ValueError(f"unknown variant {arg!r} of configs/finetune_imagenet.py;"
                      f" choose one of {VARIANTS}")
-  c = ml_collections.ConfigDict()
+  c = base_config()  # Every field and the values both recipes share.
 
-  # Data.
   c.dataset = "imagenet2012"
-  c.data_dir = ""  # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
-  c.build_dataset_if_missing = False  # Only ever builds ml_images/synthetic.
-  c.train_split = "train"
-  c.eval_split = "validation"
-  c.image_size = 224
-  c.label_mode = "single"
-  c.transfer_dtype = "uint8"
-  c.preprocess = ml_collections.ConfigDict()  # Fine-tune mode: area 5-100%.
-
-  # Initialisation, freezing, resizing.
+  c.label_mode = "single"  # Fine-tune preprocessing: crops of 5-100% area.
   c.init_checkpoint = ""  # Required for the recipe: the pre-trained model.
-  c.freeze_blocks = 0  # 2 = "FixBlock2": stem + first two stages frozen.
   c.progressive_resizing = ml_collections.ConfigDict(
       dict(image_size=299, from_step=300_000))
-
-  # Model and loss.
-  c.model = ml_collections.ConfigDict(
-      dict(depth=101, width_multiplier=1.0, bn_momentum=0.997,
-           sync_batch_norm=False))
-  c.dtype = "bfloat16"
-  c.loss = ml_collections.ConfigDict(dict(
-      name="softmax", pos_weight=12.0, mask_thres=0.7, neg_select=0.1))
-
-  # Optimisation (§8).
-  c.optimizer = ml_collections.ConfigDict(
-      dict(momentum=0.9, weight_decay=1e-4, weight_decay_bn=1e-5))
+  c.loss.name = "softmax"
+  c.optimizer.weight_decay_bn = 1e-5
   c.schedule = ml_collections.ConfigDict(dict(
       reference_batch_size=256, base_lr=0.1, warmup_factor=1.0,
       warmup_interval=1, warmup_steps=0, peak_lr=0.1,
       decay_boundaries=(150_000, 300_000, 450_000), decay_factor=0.1))
   c.batch_size = 256
   c.num_train_steps = 600_000
-  c.seed = 0
-
-  # Evaluation, logging, checkpoints.
   c.eval_batch_size = 256
-  c.eval_every_steps = 10_000
-  c.eval_at_start = False
   c.num_eval_examples = -1  # All 50k validation images.
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
-  c.keep_checkpoints = 3
-  c.async_checkpoints = True
-  c.prefetch_to_device = 2
 
   if arg == "demo":
     # The backbone of configs/pretrain.py:demo, at its image size.

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from mlimages_jax.checkpoints import store
-from mlimages_jax import losses
-from mlimages_jax import train
+from mlimages_jax.train import losses
+from mlimages_jax.train import state as state_lib
 
 NUM_CLASSES = 3
 
@@ -24,7 +24,7 @@ def _metadata(num_classes: int = NUM_CLASSES, depth: int = 14) -> dict:
       class_names=[f"class {i}" for i in range(num_classes)])
 
 
-def _state(seed: int) -> train.TrainState:
+def _state(seed: int) -> state_lib.TrainState:
   """A train state with every kind of leaf, filled with distinct values."""
   rng = np.random.default_rng(seed)
   params = {"init_conv": {"kernel": rng.normal(size=(3, 3, 3, 4))},
@@ -37,12 +37,15 @@ def _state(seed: int) -> train.TrainState:
   opt_state = jax.tree.map(
       lambda x: rng.normal(size=np.shape(x)).astype(np.float32),
       tx.init(params))
-  return train.TrainState(
+  return state_lib.TrainState(
       step=np.int32(seed),
       params=params,
-      batch_stats={"conv1_b2_bn": {
-          "mean": rng.normal(size=4).astype(np.float32),
-          "var": rng.random(4).astype(np.float32)}},
+      batch_stats={
+          "conv1_b2_bn": {
+              "mean": rng.normal(size=4).astype(np.float32),
+              "var": rng.random(4).astype(np.float32)
+          }
+      },
       opt_state=opt_state,
       loss_state=losses.LossState(
           pos_count=rng.integers(0, 9, NUM_CLASSES).astype(np.float32),

@@ -289,11 +289,11 @@ def test_shards_download_disjoint_parts(server, tmp_path):
 
 
 def test_invalid_lines_error_or_skip(server, tmp_path):
-  from mlimages_jax.data import labels
+  from mlimages_jax.data import annotations
   lst = tmp_path / "urls.txt"
   good = server.image("/v/f/a.jpg", make_jpeg(0))
   lst.write_text(f"{good} 1:0.5\n{server.url('/v/f/b.jpg')} 3:2.5\n")
-  with pytest.raises(labels.LabelError, match=f"{lst}:2"):
+  with pytest.raises(annotations.LabelError, match=f"{lst}:2"):
     dl.download(str(lst), str(tmp_path / "o1"), fast_config())
   stats = dl.download(str(lst), str(tmp_path / "o2"),
                       fast_config(skip_invalid=True))

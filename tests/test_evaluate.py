@@ -312,10 +312,10 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
 def _worker(out: str, data_dir: str, checkpoint: str, process_id: int,
             num_processes: int, port: int) -> None:
   """One process of a (multi-process) evaluation: ``python THIS_FILE ...``."""
-  from mlimages_jax import train  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.train import distributed  # pylint: disable=g-import-not-at-top
   if num_processes > 1:
-    train.initialize_distributed(f"127.0.0.1:{port}", num_processes,
-                                 process_id)
+    distributed.initialize_distributed(f"127.0.0.1:{port}", num_processes,
+                                       process_id)
   assert jax.device_count() == 4
   evaluator.evaluate_checkpoint(checkpoint, dataset="eval_tiny_multi",
                                data_dir=data_dir, batch_size=8, workdir=out,

@@ -17,8 +17,15 @@ import pytest
 
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inputs import pipeline
-from mlimages_jax import losses
-from mlimages_jax import train
+from mlimages_jax.train import losses
+from mlimages_jax.train import config as config_lib
+from mlimages_jax.train import distributed
+from mlimages_jax.train import finetune
+from mlimages_jax.train import loop
+from mlimages_jax.train import optimizer as optimizer_lib
+from mlimages_jax.train import schedule as schedule_lib
+from mlimages_jax.train import state as state_lib
+from mlimages_jax.train import steps as steps_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,22 +42,22 @@ def _flat(tree) -> dict:
 
 def test_full_recipe_schedule_and_resizing_scale_with_batch():
   config = finetune_imagenet.get_config()
-  train.validate_config(config)
-  lr = train.create_learning_rate_fn(config)
+  config_lib.validate_config(config)
+  lr = schedule_lib.create_learning_rate_fn(config)
   steps = [0, 149_999, 150_000, 299_999, 300_000, 450_000, 599_999]
   np.testing.assert_allclose([float(lr(s)) for s in steps],
                              [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-4],
                              rtol=1e-6)
-  assert train.num_train_steps(config) == 600_000
-  assert [train.image_size_at(config, s) for s in (1, 300_000, 300_001)] == [
-      224, 224, 299]
+  assert schedule_lib.num_train_steps(config) == 600_000
+  assert [schedule_lib.image_size_at(config, s) for s in (1, 300_000, 300_001)
+         ] == [224, 224, 299]
   config.batch_size = 1024  # 4x: lr x4, every step count / 4.
-  lr = train.create_learning_rate_fn(config)
+  lr = schedule_lib.create_learning_rate_fn(config)
   np.testing.assert_allclose([float(lr(s)) for s in (37_499, 37_500)],
                              [0.4, 0.04], rtol=1e-6)
-  assert train.num_train_steps(config) == 150_000
-  assert [train.image_size_at(config, s) for s in (75_000, 75_001)] == [
-      224, 299]
+  assert schedule_lib.num_train_steps(config) == 150_000
+  assert [schedule_lib.image_size_at(config, s) for s in (75_000, 75_001)
+         ] == [224, 299]
   assert (config.optimizer.weight_decay, config.optimizer.weight_decay_bn,
           config.optimizer.momentum) == (1e-4, 1e-5, 0.9)
 
@@ -61,16 +68,18 @@ def _abstract(model, image_size: int):
                                            jnp.zeros(shape), train=False))
 
 
-def _random_state(config, num_classes: int, seed: int) -> train.TrainState:
+def _random_state(config, num_classes: int, seed: int) -> state_lib.TrainState:
   """A full train state of random NumPy values (no compilation needed)."""
-  model = train.create_model(config, num_classes)
+  model = state_lib.create_model(config, num_classes)
   rng = np.random.default_rng(seed)
   variables = jax.tree.map(
       lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32),
       _abstract(model, config.image_size))
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
-  return train.TrainState(
-      step=np.int32(3), params=variables["params"],
+  tx = optimizer_lib.create_optimizer(
+      config, schedule_lib.create_learning_rate_fn(config))
+  return state_lib.TrainState(
+      step=np.int32(3),
+      params=variables["params"],
       batch_stats=variables["batch_stats"],
       opt_state=jax.device_get(tx.init(variables["params"])),
       loss_state=jax.device_get(losses.init_loss_state(num_classes)),
@@ -78,7 +87,7 @@ def _random_state(config, num_classes: int, seed: int) -> train.TrainState:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> tuple[pathlib.Path, train.TrainState]:
+def pretrained(tmp_path_factory) -> tuple[pathlib.Path, state_lib.TrainState]:
   """A tiny pre-training checkpoint (12 multi-label classes) whose BN
   statistics are not the init values, written by the real checkpointer."""
   workdir = tmp_path_factory.mktemp("pretrain")
@@ -97,18 +106,18 @@ def pretrained(tmp_path_factory) -> tuple[pathlib.Path, train.TrainState]:
 def test_head_is_reinitialised_and_the_rest_restored_exactly(pretrained):
   workdir, saved = pretrained
   config = finetune_imagenet.get_config("smoke")
-  model = train.create_model(config, SINGLE_CLASSES)
+  model = state_lib.create_model(config, SINGLE_CLASSES)
   fresh = _random_state(config, SINGLE_CLASSES, 1)
-  backbone = train.load_backbone(str(workdir), config,
-                                 _abstract(model, config.image_size))
-  state = train.with_backbone(fresh, *backbone)
+  backbone = finetune.load_backbone(str(workdir), config,
+                                    _abstract(model, config.image_size))
+  state = finetune.with_backbone(fresh, *backbone)
   for collection in ("params", "batch_stats"):
     got = _flat(getattr(state, collection))
     want = _flat(getattr(saved, collection))
     init = _flat(getattr(fresh, collection))
     assert set(got) == set(init)
     for path, value in got.items():
-      if path[0] == train.HEAD:
+      if path[0] == finetune.HEAD:
         np.testing.assert_array_equal(value, init[path])
       else:
         np.testing.assert_array_equal(value, want[path])
@@ -118,12 +127,12 @@ def test_head_is_reinitialised_and_the_rest_restored_exactly(pretrained):
 
 def test_missing_checkpoint_names_the_command_to_make_it(tmp_path):
   config = finetune_imagenet.get_config("smoke")
-  model = train.create_model(config, SINGLE_CLASSES)
+  model = state_lib.create_model(config, SINGLE_CLASSES)
   with pytest.raises(store.CheckpointError,
                      match=r"python main.py --config=configs/pretrain.py:demo"
                      r" --workdir=.*nowhere"):
-    train.load_backbone(str(tmp_path / "nowhere"), config,
-                        _abstract(model, config.image_size))
+    finetune.load_backbone(str(tmp_path / "nowhere"), config,
+                           _abstract(model, config.image_size))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +172,7 @@ def test_mismatched_backbone_fails_before_compiling(
   try:
     with pytest.raises(store.CheckpointError,
                        match=r"backbone does not match the config: " + message):
-      train.train_and_evaluate(config, tmp_path / "work")
+      loop.train_and_evaluate(config, tmp_path / "work")
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiles
@@ -182,11 +191,12 @@ def test_shape_mismatch_in_a_converted_checkpoint_is_listed(tmp_path):
   path = store.save_inference_checkpoint(
       tmp_path / "converted",
       {"params": state.params, "batch_stats": state.batch_stats}, metadata)
-  model = train.create_model(config, SINGLE_CLASSES)
+  model = state_lib.create_model(config, SINGLE_CLASSES)
   with pytest.raises(store.CheckpointError,
                      match=r"params/init_conv/kernel: checkpoint \(7, 7, 3, "
                      r"16\), model \(7, 7, 3, 8\)"):
-    train.load_backbone(str(path), config, _abstract(model, config.image_size))
+    finetune.load_backbone(str(path), config, _abstract(model,
+                                                        config.image_size))
 
 
 @pytest.mark.slow
@@ -194,22 +204,23 @@ def test_frozen_stages_stay_bit_identical_while_the_rest_moves():
   assert jax.local_device_count() == 8
   config = finetune_imagenet.get_config("smoke")
   config.freeze_blocks = 2
-  model = train.create_model(config, SINGLE_CLASSES)
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
-  state = train.create_train_state(jax.random.PRNGKey(0), config, model,
-                                   config.image_size, tx)
-  step = train.pmap_train_step(model, tx, config,
-                               train.batch_norm_modules(state.batch_stats))
+  model = state_lib.create_model(config, SINGLE_CLASSES)
+  tx = optimizer_lib.create_optimizer(
+      config, schedule_lib.create_learning_rate_fn(config))
+  state = state_lib.create_train_state(jax.random.PRNGKey(0), model,
+                                       config.image_size, tx)
+  step = steps_lib.pmap_train_step(
+      model, tx, config, optimizer_lib.batch_norm_modules(state.batch_stats))
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 2, 32, 32, 3), dtype=np.uint8),
            "labels": rng.integers(0, SINGLE_CLASSES, (8, 2)).astype(np.int32),
            "mask": np.ones((8, 2), np.float32)}
   before = jax.device_get(state)
-  replicated = train.replicate(state)
+  replicated = distributed.replicate(state)
   for _ in range(3):
     replicated, metrics = step(replicated, batch)
-  assert train.unreplicate(metrics)["finite"] == 1.0
-  after = train.unreplicate(replicated)
+  assert distributed.unreplicate(metrics)["finite"] == 1.0
+  after = distributed.unreplicate(replicated)
   frozen_tops = {"init_conv"} | {k for k in before.params
                                  if k.startswith(("stages_0_", "stages_1_"))}
   assert len(frozen_tops) == 3  # Smoke ResNet-14: one block per stage.

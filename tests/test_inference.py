@@ -23,9 +23,9 @@ from PIL import Image
 
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inference import predict
-from mlimages_jax import losses
+from mlimages_jax.train import losses
 from mlimages_jax.inputs import preprocessing
-from mlimages_jax import train
+from mlimages_jax.train import state as state_lib
 from mlimages_jax.cli import main as cli_main
 from mlimages_jax.models import resnet
 
@@ -143,12 +143,13 @@ def test_training_workdir_gives_the_same_predictions(loaded, tmp_path,
                                                      generated_images):
   """A training run's workdir (Orbax train state) works like an export."""
   variables = tiny_variables()
-  state = train.TrainState(
-      step=np.int32(3), params=variables["params"],
-      batch_stats=variables["batch_stats"],
-      opt_state=optax.sgd(0.1, momentum=0.9).init(variables["params"]),
-      loss_state=losses.init_loss_state(NUM_CLASSES),
-      rng=np.asarray(jax.random.PRNGKey(0)))
+  state = state_lib.TrainState(step=np.int32(3),
+                               params=variables["params"],
+                               batch_stats=variables["batch_stats"],
+                               opt_state=optax.sgd(0.1, momentum=0.9).init(
+                                   variables["params"]),
+                               loss_state=losses.init_loss_state(NUM_CLASSES),
+                               rng=np.asarray(jax.random.PRNGKey(0)))
   checkpointer = store.TrainCheckpointer(tmp_path, async_save=False)
   checkpointer.save(3, state, tiny_metadata(step=3), None)
   checkpointer.close()
@@ -270,18 +271,18 @@ def test_killed_features_run_resumes_without_redoing_chunks(
       raise KeyboardInterrupt  # Killed while the third chunk runs.
     return real(model, chunk, **kwargs)
 
-  monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
+  monkeypatch.setattr(predict, "extract_features", dies_on_third_chunk)
   with pytest.raises(KeyboardInterrupt):
     predict.extract_features_to_file(loaded, paths, out, chunk_size=2,
                                        progress=False)
   assert not out.exists()
   assert len(list((tmp_path / "f.npy.partial").glob("part-*.npz"))) == 2
   calls.clear()
-  monkeypatch.setattr(inference, "extract_features", real)
+  monkeypatch.setattr(predict, "extract_features", real)
   with pytest.raises(ValueError, match="another features run"):
     predict.extract_features_to_file(loaded, paths, out, crop="10crop",
                                        chunk_size=2, progress=False)
-  monkeypatch.setattr(inference, "extract_features", dies_on_third_chunk)
+  monkeypatch.setattr(predict, "extract_features", dies_on_third_chunk)
   features, kept, failures = predict.extract_features_to_file(
       loaded, paths, out, chunk_size=2, progress=False)
   assert calls == [paths[4:]]  # Only the unfinished chunk was computed.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlimages_jax import losses
+from mlimages_jax.train import losses
 
 
 class NumpyAdaptiveLoss:

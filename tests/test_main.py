@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mlimages_jax.checkpoints import store
-from mlimages_jax import train
+from mlimages_jax.train import loop
+from mlimages_jax.train import schedule as schedule_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,7 +82,7 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
     assert line["decode_failures"] == 0
     assert np.isfinite(line["loss"]) and line["images_per_sec"] > 0
     assert line["learning_rate"] == pytest.approx(
-        float(train.create_learning_rate_fn(config)(line["step"] - 1)))
+        float(schedule_lib.create_learning_rate_fn(config)(line["step"] - 1)))
   assert len(eval_lines) == 1 and eval_lines[0]["step"] == 6
   assert eval_lines[0]["split"] == "validation"
   assert 0.0 < eval_lines[0]["mAP"] <= 1.0
@@ -108,7 +109,7 @@ def test_incompatible_checkpoint_fails_before_compiling(smoke_run, data_dir):
   with pytest.raises(store.CheckpointError,
                      match=r"incompatible run: model\.depth: checkpoint 14, "
                      r"config 26"):
-    train.train_and_evaluate(config, smoke_run)
+    loop.train_and_evaluate(config, smoke_run)
   assert time.perf_counter() - start < 30
 
 

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 
-from mlimages_jax import losses
+from mlimages_jax.train import losses
 from mlimages_jax.data import synthetic
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

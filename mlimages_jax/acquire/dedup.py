@@ -30,6 +30,7 @@ import numpy as np
 from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import image_list
 from mlimages_jax.acquire import output_dir
+from mlimages_jax.data import annotations as annotations_lib
 
 CACHE_NAME = ".dedup-cache.tsv"
 _HASH_KINDS = ("phash", "dhash")
@@ -399,11 +400,9 @@ def write_report(report: Report, path: str) -> None:
 def merge_annotations(annotations: Sequence[str]) -> tuple[np.ndarray,
                                                             np.ndarray]:
   """Union of the classes, each with its highest confidence."""
-  from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
-
   best: dict[int, float] = {}
   for text in annotations:
-    _, idx, conf = labels.parse_line(f"x\t{text}")
+    _, idx, conf = annotations_lib.parse_line(f"x\t{text}")
     for i, c in zip(idx.tolist(), conf.tolist()):
       best[i] = max(best.get(i, -2.0), c)
   keys = sorted(best)
@@ -418,8 +417,6 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
   lines without repeats are copied untouched. Output: ``<list>.dedup.txt``,
   or with ``in_place`` the list itself (the original kept as ``.bak``).
   """
-  from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
-
   grouped = [i for g in report.groups for i in g]
   info = _names(report, grouped)
   dropped = {(int(report.source[i]), int(report.lineno[i]))
@@ -429,7 +426,7 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
     keep = group[0]
     idx, conf = merge_annotations([info[i][1] for i in group])
     merged[(int(report.source[keep]), int(report.lineno[keep]))] = (
-        labels.format_line(info[keep][0], idx, conf))
+        annotations_lib.format_line(info[keep][0], idx, conf))
   written = []
   for index, inp in enumerate(report.inputs):
     stem, ext = os.path.splitext(inp.list_path)

@@ -12,6 +12,8 @@ import os
 import re
 from typing import Iterator
 
+from mlimages_jax.data import annotations as annotations_lib
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListItem:
@@ -26,9 +28,10 @@ class ListItem:
 
 
 class ListReader:
-  """Streams a release list, validating every line with ``labels.parse_line``.
+  """Streams a release list, validating every line with
+  ``annotations.parse_line``.
 
-  Malformed lines raise ``labels.LabelError`` (file:line) unless
+  Malformed lines raise ``annotations.LabelError`` (file:line) unless
   ``skip_invalid``; then they are skipped and counted in ``invalid``.
   Reading twice yields the same items: the tools make several passes rather
   than hold millions of lines in memory, and only the first pass pays for
@@ -61,8 +64,6 @@ class ListReader:
     return len(self.invalid_lines)
 
   def __iter__(self) -> Iterator[ListItem]:
-    from mlimages_jax.data import labels  # pylint: disable=g-import-not-at-top
-
     validate = self._invalid_lines is None
     invalid = set() if validate else self._invalid_lines
     lineno = 0
@@ -73,7 +74,8 @@ class ListReader:
         try:
           line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
-          error = labels.LabelError(self.path, lineno, f"not UTF-8: {e}")
+          error = annotations_lib.LabelError(self.path, lineno,
+                                             f"not UTF-8: {e}")
           if not self.skip_invalid:
             raise error from None
           invalid.add(lineno)
@@ -82,9 +84,9 @@ class ListReader:
           continue
         if validate:
           try:
-            labels.parse_line(line, num_classes=self.num_classes,
-                              source=self.path, lineno=lineno)
-          except labels.LabelError:
+            annotations_lib.parse_line(line, num_classes=self.num_classes,
+                                       source=self.path, lineno=lineno)
+          except annotations_lib.LabelError:
             if not self.skip_invalid:
               raise
             invalid.add(lineno)

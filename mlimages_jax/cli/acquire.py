@@ -135,7 +135,7 @@ def register(subparsers) -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
-  from mlimages_jax.data import labels
+  from mlimages_jax.data import annotations
   from mlimages_jax.acquire import download as dl
   from mlimages_jax.acquire import errors
   from mlimages_jax.acquire import image_list
@@ -160,7 +160,8 @@ def _download(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed, fsync=not args.no_fsync,
         progress=not args.no_progress)
     stats = dl.download(args.url_list, args.out, config)
-  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError,
+          annotations.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   _print_summary(stats)
@@ -168,7 +169,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _imagenet21k_extract(args: argparse.Namespace) -> int:
-  from mlimages_jax.data import labels
+  from mlimages_jax.data import annotations
   from mlimages_jax.acquire import errors
   from mlimages_jax.acquire import imagenet21k
 
@@ -177,7 +178,8 @@ def _imagenet21k_extract(args: argparse.Namespace) -> int:
         args.id_list, args.imagenet, args.out,
         skip_invalid=args.skip_invalid, num_classes=args.num_classes,
         threads=args.threads, progress=not args.no_progress)
-  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError,
+          annotations.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   _print_summary(stats)
@@ -188,7 +190,7 @@ def _imagenet21k_extract(args: argparse.Namespace) -> int:
 
 
 def _dedup(args: argparse.Namespace) -> int:
-  from mlimages_jax.data import labels
+  from mlimages_jax.data import annotations
   from mlimages_jax.acquire import dedup
   from mlimages_jax.acquire import errors
 
@@ -203,7 +205,8 @@ def _dedup(args: argparse.Namespace) -> int:
     dedup.write_report(report, args.out)
     written = (dedup.drop_duplicates(report, in_place=args.in_place)
                if args.drop else [])
-  except (ValueError, OSError, errors.AcquireError, labels.LabelError) as e:
+  except (ValueError, OSError, errors.AcquireError,
+          annotations.LabelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"{report.num_images} images, {len(report.groups)} duplicate groups "

@@ -1,6 +1,7 @@
 """``mlimages convert-tf-checkpoint``: the original released TF1 checkpoints.
 
-Argument parsing and printing only; the work is in ``mlimages_jax.checkpoints.convert_tf``.
+Argument parsing and printing only; the work is in
+``mlimages_jax.checkpoints.convert_tf``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def register(subparsers) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
-  from mlimages_jax.checkpoints import convert_tf  # pylint: disable=g-import-not-at-top
-  from mlimages_jax.data import hierarchy  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.checkpoints import store
+  from mlimages_jax.checkpoints import convert_tf
+  from mlimages_jax.data import hierarchy
 
   try:
     result = convert_tf.convert_checkpoint(

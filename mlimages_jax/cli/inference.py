@@ -1,7 +1,8 @@
 """``mlimages classify | features | evaluate``: using a trained checkpoint.
 
-Argument parsing and printing only; the work is in mlimages_jax.inference.predict and
-mlimages_jax.evaluation.evaluator (importable from a notebook).
+Argument parsing and printing only; the work is in
+mlimages_jax.inference.predict and mlimages_jax.evaluation.evaluator
+(importable from a notebook).
 """
 
 from __future__ import annotations
@@ -61,31 +62,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "from FILE.npy.partial/ (default: %(default)s)")
   features.set_defaults(func=_features)
 
-  evaluate_cmd = subparsers.add_parser(
+  evaluate = subparsers.add_parser(
       "evaluate", help="evaluate a checkpoint on a TFDS split",
       description="Single-label: top-1/top-5 accuracy. Multi-label: mAP, "
       "P/R/F1 at top-k per class and per image, mAP per hierarchy depth. "
       "Writes WORKDIR/eval_results.json; rerunning a killed evaluation "
       "resumes it.")
-  evaluate_cmd.add_argument("--checkpoint", required=True, metavar="DIR")
-  evaluate_cmd.add_argument("--dataset", required=True,
-                            help="TFDS name, e.g. ml_images/full or imagenet2012")
-  evaluate_cmd.add_argument("--data-dir", help="TFDS data directory")
-  evaluate_cmd.add_argument("--split", default="validation")
-  evaluate_cmd.add_argument("--image-size", type=_positive_int, action="append",
-                            metavar="SIZE", help="repeatable, e.g. --image-size "
-                            "224 --image-size 299 (default: the checkpoint's)")
-  evaluate_cmd.add_argument("--batch-size", type=_positive_int, default=64,
-                            help="global batch size (default: %(default)s)")
-  evaluate_cmd.add_argument("--top-k", type=_positive_int, nargs="+",
-                            default=[1, 5, 10],
-                            help="k for multi-label P/R/F1 (default: 1 5 10)")
-  evaluate_cmd.add_argument("--num-examples", type=int, default=0,
-                            help="evaluate only the first N examples (0: all)")
-  evaluate_cmd.add_argument("--workdir", required=True,
-                            help="where eval_results.json is written")
-  evaluate_cmd.add_argument("--no-progress", action="store_true")
-  evaluate_cmd.set_defaults(func=_evaluate)
+  evaluate.add_argument("--checkpoint", required=True, metavar="DIR")
+  evaluate.add_argument("--dataset", required=True,
+                        help="TFDS name, e.g. ml_images/full or imagenet2012")
+  evaluate.add_argument("--data-dir", help="TFDS data directory")
+  evaluate.add_argument("--split", default="validation")
+  evaluate.add_argument("--image-size", type=_positive_int, action="append",
+                        metavar="SIZE", help="repeatable, e.g. --image-size "
+                        "224 --image-size 299 (default: the checkpoint's)")
+  evaluate.add_argument("--batch-size", type=_positive_int, default=64,
+                        help="global batch size (default: %(default)s)")
+  evaluate.add_argument("--top-k", type=_positive_int, nargs="+",
+                        default=[1, 5, 10],
+                        help="k for multi-label P/R/F1 (default: 1 5 10)")
+  evaluate.add_argument("--num-examples", type=int, default=0,
+                        help="evaluate only the first N examples (0: all)")
+  evaluate.add_argument("--workdir", required=True,
+                        help="where eval_results.json is written")
+  evaluate.add_argument("--no-progress", action="store_true")
+  evaluate.set_defaults(func=_evaluate)
 
 
 def _image_paths(args: argparse.Namespace) -> list[str] | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pathlib
 import urllib.request
 from typing import Iterable, Sequence
 

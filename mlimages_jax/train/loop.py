@@ -1,0 +1,215 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Trains the recipe of a config (ML_IMAGES.md §7 pre-training, §8
+fine-tuning) on every device of every process, evaluates, writes logs and
+Orbax checkpoints, and resumes exactly from the workdir. It reads top-down
+like flax ``examples/imagenet``: validate, build the input, the state and the
+compiled steps, then loop. Everything a run needs is validated before the
+first compilation (config, batch divisibility, dataset presence, checkpoint
+compatibility), so mistakes cost seconds, not a compile.
+
+The host runs ahead of the devices and waits for them only where it must:
+a logging interval's metrics are fetched (and NaN checked) once the next
+step is queued, a checkpoint is handed to Orbax after the next step is
+queued (its copy is taken first: the step donates the state's memory), and
+the learning rate is logged from the step's own metrics. The cross-process
+collectives are the ``pmean`` calls inside the compiled step (steps.py) and,
+on the host, the sum of decode failures at each report and the gather of
+the evaluation scores (evaluator.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mlimages_jax.checkpoints import store
+from mlimages_jax.inputs import pipeline
+from mlimages_jax.train import distributed
+from mlimages_jax.train import finetune
+from mlimages_jax.train import inputs
+from mlimages_jax.train import optimizer
+from mlimages_jax.train import run_log
+from mlimages_jax.train import schedule
+from mlimages_jax.train import steps
+from mlimages_jax.train.config import validate_config
+from mlimages_jax.train.evaluator import Evaluator
+from mlimages_jax.train.state import TrainState
+from mlimages_jax.train.state import create_model
+from mlimages_jax.train.state import create_train_state
+
+Records = list[tuple[int, dict[str, jax.Array]]]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike) -> TrainState:
+  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+
+  Returns the final, unreplicated train state.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+  total_steps = schedule.num_train_steps(config)
+
+  # Input first: a missing dataset fails here, in seconds.
+  train_iter = inputs.create_train_iterator(config)
+  info = pipeline.dataset_info(config.dataset, config.data_dir or None,
+                               label_mode=config.label_mode)
+  metadata = store.make_metadata(
+      depth=config.model.depth, num_classes=info.num_classes,
+      width_multiplier=config.model.width_multiplier,
+      image_size=schedule.image_size_at(config, total_steps),
+      label_mode=config.label_mode, class_ids=info.class_ids,
+      class_names=info.class_names)
+  checkpointer = store.TrainCheckpointer(
+      workdir, keep=config.keep_checkpoints,
+      async_save=config.async_checkpoints)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    store.check_compatible(checkpointer.metadata(start_step), metadata,
+                           f"{checkpointer.directory / str(start_step)}")
+  if (schedule.image_size_at(config, start_step + 1)
+      != schedule.image_size_at(config, 1)):
+    train_iter = inputs.create_train_iterator(config, start_step + 1)
+  log = run_log.RunLog(workdir, config, total_steps, is_chief)
+  if schedule.schedule_scale(config) != 1:
+    logging.info("Global batch %d vs reference %d: learning rates x%.4g, "
+                 "schedule steps x%.4g -> %d steps.", config.batch_size,
+                 config.schedule.reference_batch_size,
+                 schedule.schedule_scale(config),
+                 1 / schedule.schedule_scale(config), total_steps)
+
+  # The train state: restored, fine-tuned from a backbone, or fresh. A
+  # backbone is checked against the model before anything compiles.
+  model = create_model(config, info.num_classes)
+  backbone = None
+  if config.init_checkpoint and not start_step:
+    backbone = finetune.load_backbone(config.init_checkpoint, config,
+                                      _abstract_variables(model, config))
+  learning_rate_fn = schedule.create_learning_rate_fn(config)
+  tx = optimizer.create_optimizer(config, learning_rate_fn)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model,
+                             config.image_size, tx)
+  if backbone is not None:
+    state = finetune.with_backbone(state, *backbone)
+    logging.info("Initialised all but the %r head from %s.", finetune.HEAD,
+                 config.init_checkpoint)
+  if start_step:
+    state, position = checkpointer.restore(start_step, state)
+    if position is not None:
+      train_iter.set_state(position)
+    logging.info("Resumed from step %d of %d.", start_step, total_steps)
+    log.resumed(start_step)
+
+  p_train_step = steps.pmap_train_step(
+      model, tx, config, optimizer.batch_norm_modules(state.batch_stats),
+      learning_rate_fn)
+  evaluator = Evaluator(config, steps.pmap_eval_step(model, config))
+  state = distributed.replicate(state)
+  log.mark(start_step)
+  try:
+    if config.eval_at_start and start_step == 0:
+      _evaluate(evaluator, state, log, 0)
+    state = _train(config, state, p_train_step, train_iter, checkpointer,
+                   evaluator, log, metadata, start_step, total_steps)
+    if total_steps > start_step:
+      _evaluate(evaluator, state, log, total_steps)
+  finally:
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    log.flush()
+  return distributed.unreplicate(state)
+
+
+def _train(config: ml_collections.ConfigDict, state: TrainState,
+           p_train_step: Callable, train_iter: pipeline.InputIterator,
+           checkpointer: store.TrainCheckpointer, evaluator: Evaluator,
+           log: run_log.RunLog, metadata: dict[str, Any], start_step: int,
+           total_steps: int) -> TrainState:
+  """Steps `start_step + 1 .. total_steps`; returns the replicated state.
+
+  A logging interval's metrics are reported, and a checkpoint handed to
+  Orbax, only once the next step has been dispatched: the devices never
+  idle while the host logs or starts a save.
+  """
+  batches = pipeline.prefetch_to_device(train_iter, config.prefetch_to_device)
+  image_size = schedule.image_size_at(config, start_step + 1)
+  last_checkpoint = start_step or None
+  history: Records = []  # Steps not yet reported.
+  pending: Records = []  # A finished interval, reported after the next step.
+  to_save = None
+  for step in range(start_step + 1, total_steps + 1):
+    if schedule.image_size_at(config, step) != image_size:
+      # Progressive resizing: the same data position at the new size.
+      image_size = schedule.image_size_at(config, step)
+      position = batches.get_state()
+      train_iter = inputs.create_train_iterator(config, step)
+      train_iter.set_state(position)
+      batches = pipeline.prefetch_to_device(train_iter,
+                                            config.prefetch_to_device)
+      logging.info("step %d: training images now %d px.", step, image_size)
+    state, step_metrics = p_train_step(state, next(batches))
+    history.append((step, step_metrics))
+    if pending:
+      _report(pending, batches, log, last_checkpoint)
+      pending = []
+    if to_save:
+      checkpointer.save(*to_save)
+      last_checkpoint, to_save = to_save[0], None
+    is_save = step % config.checkpoint_every_steps == 0 or step == total_steps
+    is_eval = config.eval_every_steps > 0 and (
+        step % config.eval_every_steps == 0)
+    if is_save or is_eval:
+      # Both wait for this step anyway (its state), so report it now; a NaN
+      # stops the run before its state is saved or evaluated.
+      _report(history, batches, log, last_checkpoint)
+      history = []
+    elif step % config.log_every_steps == 0:
+      pending, history = history, []
+    if is_save:
+      # Copied now: the next step reuses (donates) the state's memory.
+      to_save = (step, distributed.unreplicate(state), metadata,
+                 batches.get_state())
+    if is_eval and step != total_steps:
+      _evaluate(evaluator, state, log, step)
+  if to_save:
+    checkpointer.save(*to_save)
+  return state
+
+
+def _report(records: Records, batches: pipeline.DevicePrefetchIterator,
+            log: run_log.RunLog, last_checkpoint: int | None) -> None:
+  """Fetches `records` (waiting for their last step), stops on a NaN, logs."""
+  host = list(zip([s for s, _ in records],
+                  distributed.unreplicate([m for _, m in records])))
+  steps.check_finite(host, last_checkpoint)
+  # Every process reaches this point at the same step: a host collective.
+  failures = distributed.sum_over_processes(batches.decode_failures)
+  log.train(host, failures)
+
+
+def _evaluate(evaluator: Evaluator, state: TrainState, log: run_log.RunLog,
+              step: int) -> None:
+  t0 = time.perf_counter()
+  image_size = schedule.image_size_at(evaluator.config, max(step, 1))
+  results = evaluator.run(state, image_size)
+  log.evaluation(step, image_size, results, time.perf_counter() - t0)
+  log.mark(step)  # The training rate excludes evaluation.
+
+
+def _abstract_variables(model: Any, config: ml_collections.ConfigDict
+                        ) -> dict[str, Any]:
+  """The model's variable shapes, without computing them (for checks)."""
+  shape = (1, config.image_size, config.image_size, 3)
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
