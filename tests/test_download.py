@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import http.server
-import io
 import json
 import os
 import pathlib
@@ -16,7 +15,6 @@ import threading
 import time
 import urllib.parse
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -25,22 +23,9 @@ from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import output_dir
 from mlimages_jax.acquire import validation
 
+from acquire_helpers import fast_config, make_jpeg, make_png
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def make_jpeg(seed: int, size=(40, 30)) -> bytes:
-  rng = np.random.default_rng(seed)
-  img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8))
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", quality=90)
-  return buf.getvalue()
-
-
-def make_png(seed: int) -> bytes:
-  rng = np.random.default_rng(seed)
-  buf = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(buf, "PNG")
-  return buf.getvalue()
 
 
 class Server:
@@ -112,13 +97,6 @@ def server():
   s = Server()
   yield s
   s.close()
-
-
-def fast_config(**kw) -> dl.DownloadConfig:
-  base = dict(workers=16, per_host=16, timeout=2.0, retries=2, backoff=0.02,
-              max_backoff=0.05, progress=False, seed=0, processes=1)
-  base.update(kw)
-  return dl.DownloadConfig(**base)
 
 
 def read_im_list(out: pathlib.Path) -> list[tuple[str, str]]:

@@ -9,12 +9,7 @@ from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import journal as journal_lib
 from mlimages_jax.acquire import output_dir
 
-
-def fast_config(**kw) -> dl.DownloadConfig:
-  base = dict(workers=16, per_host=16, timeout=2.0, retries=2, backoff=0.02,
-              max_backoff=0.05, progress=False, seed=0, processes=1)
-  base.update(kw)
-  return dl.DownloadConfig(**base)
+from acquire_helpers import fast_config
 
 
 def test_unwritable_output_folder(tmp_path):

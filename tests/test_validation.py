@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from mlimages_jax.acquire import validation
 
-
-def make_jpeg(seed: int, size=(40, 30)) -> bytes:
-  rng = np.random.default_rng(seed)
-  img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8))
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", quality=90)
-  return buf.getvalue()
-
-
-def make_png(seed: int) -> bytes:
-  rng = np.random.default_rng(seed)
-  buf = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(buf, "PNG")
-  return buf.getvalue()
+from acquire_helpers import make_jpeg, make_png
 
 
 def test_validate_image_reasons():
