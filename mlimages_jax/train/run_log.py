@@ -67,7 +67,6 @@ class RunLog:
   def resumed(self, step: int) -> None:
     """Drops the lines a resumed run will write again."""
     self.metrics.truncate_after(step)
-    self.mark(step)
 
   def mark(self, step: int) -> None:
     """The host has just waited for the devices at `step`: the rate's start."""
