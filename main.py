@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
   # Imported here so that --help and flag errors return at once.
   from mlimages_jax.checkpoints import store
   from mlimages_jax.inputs import pipeline
-  from mlimages_jax.train import config as config_lib
+  from mlimages_jax.train import config_validation
   from mlimages_jax.train import distributed
   from mlimages_jax.train import loop
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
                                      FLAGS.num_processes, FLAGS.process_id)
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.ConfigError, store.CheckpointError,
+  except (config_validation.ConfigError, store.CheckpointError,
           pipeline.DatasetNotBuiltError, FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

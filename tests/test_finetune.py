@@ -18,7 +18,7 @@ import pytest
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import losses
-from mlimages_jax.train import config as config_lib
+from mlimages_jax.train import config_validation
 from mlimages_jax.train import distributed
 from mlimages_jax.train import finetune
 from mlimages_jax.train import loop
@@ -42,7 +42,7 @@ def _flat(tree) -> dict:
 
 def test_full_recipe_schedule_and_resizing_scale_with_batch():
   config = finetune_imagenet.get_config()
-  config_lib.validate_config(config)
+  config_validation.validate_config(config)
   lr = schedule_lib.create_learning_rate_fn(config)
   steps = [0, 149_999, 150_000, 299_999, 300_000, 450_000, 599_999]
   np.testing.assert_allclose([float(lr(s)) for s in steps],

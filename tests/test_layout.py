@@ -124,6 +124,23 @@ def test_data_wing_imports_neither_jax_nor_tensorflow():
   assert out.strip() == "[]", f"the data wing imported {out.strip()}"
 
 
+def test_recipes_load_without_jax_or_tensorflow():
+  """A config file is read at flag parsing: it must stay instant."""
+  code = ("import importlib.util, sys\n"
+          "for name in ('pretrain', 'finetune_imagenet'):\n"
+          "  spec = importlib.util.spec_from_file_location(\n"
+          "      name, f'configs/{name}.py')\n"
+          "  module = importlib.util.module_from_spec(spec)\n"
+          "  spec.loader.exec_module(module)\n"
+          "  module.get_config('demo')\n"
+          "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'jax', 'jaxlib', 'tensorflow', 'flax', 'optax', 'orbax'})\n"
+          "print(heavy)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True, cwd=ROOT.parent).stdout
+  assert out.strip() == "[]", f"loading a recipe imported {out.strip()}"
+
+
 @pytest.mark.parametrize("folder", ["data", "acquire", "inputs", "models",
                                     "train", "checkpoints", "evaluation",
                                     "inference", "cli"])

@@ -67,7 +67,7 @@ def worker(out: pathlib.Path,
 
   # pylint: disable=g-import-not-at-top
   from mlimages_jax.checkpoints import store
-  from mlimages_jax.train import config as config_lib
+  from mlimages_jax.train import config_validation
   from mlimages_jax.train import distributed
   from mlimages_jax.train import optimizer as optimizer_lib
   from mlimages_jax.train import schedule as schedule_lib
@@ -83,7 +83,7 @@ def worker(out: pathlib.Path,
   config.batch_size = GLOBAL_DEVICES * PER_DEVICE
   config.loss.neg_select = 0.5  # Exercise the (shared) negative sampling.
   assert config.loss.mask_thres == MASK_THRES
-  config_lib.validate_config(config)
+  config_validation.validate_config(config)
   model = state_lib.create_model(config, NUM_CLASSES)
   learning_rate_fn = schedule_lib.create_learning_rate_fn(config)
   tx = optimizer_lib.create_optimizer(config, learning_rate_fn)

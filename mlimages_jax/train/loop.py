@@ -39,7 +39,7 @@ from mlimages_jax.train import optimizer
 from mlimages_jax.train import run_log
 from mlimages_jax.train import schedule
 from mlimages_jax.train import steps
-from mlimages_jax.train.config import validate_config
+from mlimages_jax.train.config_validation import validate_config
 from mlimages_jax.train.evaluator import Evaluator
 from mlimages_jax.train.state import TrainState
 from mlimages_jax.train.state import create_model

@@ -17,8 +17,9 @@ import optax
 
 from mlimages_jax.models import resnet
 from mlimages_jax.train import losses
-from mlimages_jax.train.config import DTYPES
 from mlimages_jax.train.distributed import AXIS_NAME
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype
 
 
 @flax.struct.dataclass
@@ -43,7 +44,7 @@ def create_model(config: ml_collections.ConfigDict,
 
 def create_train_state(rng: jax.Array, model: resnet.ResNet, image_size: int,
                        tx: optax.GradientTransformation) -> TrainState:
-  """A fresh, unreplicated train state (the same on every process for a seed)."""
+  """A fresh, unreplicated train state (the same on every process per seed)."""
   init_rng, state_rng = jax.random.split(rng)
 
   @jax.jit

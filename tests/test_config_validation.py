@@ -1,4 +1,5 @@
-"""Tests of mlimages_jax.train.config: one base, validation derived from it."""
+"""Tests of mlimages_jax.train.config and config_validation: one base config,
+the recipes only override it, validation derives its schema from it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from mlimages_jax.train import config as config_lib
+from mlimages_jax.train import config_validation
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import finetune_imagenet  # noqa: E402
@@ -19,18 +21,18 @@ def test_unknown_field_is_rejected_with_a_suggestion():
   config.unlock()
   config.model.dept = 50
   with pytest.raises(
-      config_lib.ConfigError,
+      config_validation.ConfigError,
       match=r"unknown field "
       r"config\.model\.dept \(did you mean config\.model\.depth"):
-    config_lib.validate_config(config)
+    config_validation.validate_config(config)
 
 
 def test_bad_types_loss_and_batch_are_rejected():
   config = pretrain.get_config("smoke")
   config.batch_size = 12  # Not divisible by 8 devices.
   config.loss.name = "softmax"  # Needs single labels.
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate_config(config)
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
   assert "config.batch_size=12 is not divisible by the 8 devices" in str(e.value)
   assert "needs label_mode 'single'" in str(e.value)
 
@@ -46,11 +48,7 @@ def test_recipes_only_override_the_base(recipe, variant):
     return {k: shape(v) if isinstance(v, dict) and k != "preprocess"
             else type(v) for k, v in tree.items()}
 
-  want, got = shape(base), shape(config)
-  assert got.keys() == want.keys()
-  for group in ("model", "loss", "optimizer", "schedule",
-                "progressive_resizing"):
-    assert got[group] == want[group], group
+  assert shape(config) == shape(base)
 
 
 def test_validation_schema_is_the_base_config():
@@ -59,15 +57,16 @@ def test_validation_schema_is_the_base_config():
   config.unlock()
   del config.schedule["decay_factor"]
   config.schedule.decay_rate = 0.1
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate_config(config)
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
   assert "missing field config.schedule.decay_factor" in str(e.value)
   assert "unknown field config.schedule.decay_rate" in str(e.value)
 
 
 def test_base_config_needs_only_a_dataset():
   config = config_lib.base_config()
-  with pytest.raises(config_lib.ConfigError, match="config.dataset is empty"):
-    config_lib.validate_config(config)
+  with pytest.raises(config_validation.ConfigError,
+                     match="config.dataset is empty"):
+    config_validation.validate_config(config)
   config.dataset = "ml_images/synthetic"
-  config_lib.validate_config(config)
+  config_validation.validate_config(config)
