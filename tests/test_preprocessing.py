@@ -352,24 +352,6 @@ def test_eval_image_antialiased_matches_pil(shared_dir, photo):
   assert diff.max() <= 1 and diff.mean() < 0.2
 
 
-def test_feature_crops(shared_dir):
-  path = shared_dir / "images" / PHOTOS[1]  # 1280 x 960.
-  image_bytes = tf.io.read_file(str(path))
-  one = preprocessing.feature_crops(image_bytes).numpy()
-  ten = preprocessing.feature_crops(image_bytes, ten_crop=True).numpy()
-  assert one.shape == (1, 224, 224, 3) and one.dtype == np.uint8
-  assert ten.shape == (10, 224, 224, 3)
-  np.testing.assert_array_equal(ten[4], one[0])
-  np.testing.assert_array_equal(ten[5:], ten[:5, :, ::-1])
-  resized = _resize_bilinear_reference(
-      np.asarray(Image.open(path).convert("RGB")), 256, 341)
-  expected = {0: resized[:224, :224], 1: resized[:224, -224:],
-              2: resized[-224:, :224], 3: resized[-224:, -224:],
-              4: resized[16:240, 58:282]}
-  for index, crop in expected.items():
-    assert np.abs(ten[index] - crop).max() <= 0.51, index
-
-
 def test_corrupt_image_raises_so_the_pipeline_can_skip_it():
   config = preprocessing.PreprocessConfig.for_mode("pretrain")
   jpeg = _encode(_coordinate_image(), fmt="JPEG").numpy()

@@ -22,7 +22,9 @@ def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("images", nargs="*", metavar="IMAGE",
                       help="image files (JPEG, PNG, GIF, BMP)")
   parser.add_argument("--list", dest="image_list", metavar="FILE",
-                      help="a file with one image path per line")
+                      help="a file with one image path per line (the path "
+                      "ends at a TAB; with features --format original at a "
+                      "space, followed by the label)")
   parser.add_argument("--root", metavar="DIR",
                       help="directory that relative paths in --list are "
                       "relative to (default: the current directory)")
@@ -39,24 +41,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   classify = subparsers.add_parser(
       "classify", help="top-k classes of images",
       description="Prints the top-k classes (index, wnid or ImageNet id, "
-      "name, probability) of each image; unreadable files are skipped.")
+      "name, probability) of each image; unreadable files are skipped. "
+      "Probabilities: softmax for single-label checkpoints, sigmoid for "
+      "multi-label ones.")
   _add_image_arguments(classify)
   classify.add_argument("--top-k", type=_positive_int, default=5,
                         help="classes per image (default: %(default)s)")
+  classify.add_argument("--preprocess", choices=("original", "eval"),
+                        default="original",
+                        help="original: the original image_classification.py"
+                        " (OpenCV, shorter side 256, centre 224 crop); eval: "
+                        "the evaluation crop at the checkpoint's image size "
+                        "(default: %(default)s)")
+  classify.add_argument("--format", choices=("tsv", "original"),
+                        default="tsv",
+                        help="tsv: a TSV --out file; original: the original's"
+                        " label_pred.txt blocks, printed and in --out "
+                        "(default: %(default)s)")
   classify.add_argument("--out", metavar="FILE",
-                        help="also write the predictions as TSV (e.g. "
+                        help="also write the predictions to FILE (e.g. "
                         "label_pred.txt)")
   classify.set_defaults(func=_classify)
 
   features = subparsers.add_parser(
       "features", help="pooled features of images (.npy)",
-      description="Writes float32 (images, feature size) to FILE.npy and the "
-      "images, one per row, to FILE.txt (shorter side 256, centre 224 crop "
-      "or the 10 crops averaged). Rerunning a killed run resumes it.")
+      description="The original extract_feature.py's preprocessing (OpenCV, "
+      "shorter side 256, centre 224 crop, or the 10 crops averaged). Writes "
+      "float32 (images, feature size) to FILE.npy and the images, one per "
+      "row, to FILE.txt; with --format original the original's text file. "
+      "Rerunning a killed run resumes it.")
   _add_image_arguments(features)
   features.add_argument("--crop", choices=("center", "10crop"),
                         default="center", help="default: %(default)s")
-  features.add_argument("--out", required=True, metavar="FILE.npy")
+  features.add_argument("--format", choices=("npy", "original"),
+                        default="npy",
+                        help="original: FILE gets 'PATH<TAB>LABEL<TAB>f1 f2 "
+                        "...' lines, LABEL from the --list line 'PATH LABEL' "
+                        "(default: %(default)s)")
+  features.add_argument("--out", required=True, metavar="FILE")
   features.add_argument("--chunk-size", type=_positive_int, default=1024,
                         help="images per saved chunk: a killed run resumes "
                         "from FILE.npy.partial/ (default: %(default)s)")
@@ -89,20 +111,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   evaluate.set_defaults(func=_evaluate)
 
 
-def _image_paths(args: argparse.Namespace) -> list[str] | None:
+def _labelled_paths(args: argparse.Namespace, labelled: bool = False
+                    ) -> tuple[list[str], list[str]] | None:
+  """(paths, labels): the IMAGE arguments (no label), then the --list's."""
   from mlimages_jax.inference import predict
-  paths = list(args.images)
+  paths, labels = list(args.images), [""] * len(args.images)
   if args.image_list:
     try:
-      paths += predict.read_image_list(args.image_list, args.root)
-    except OSError as e:
+      if labelled:
+        listed, listed_labels = predict.read_labelled_image_list(
+            args.image_list, args.root)
+      else:
+        listed = predict.read_image_list(args.image_list, args.root)
+        listed_labels = [""] * len(listed)
+    except (OSError, UnicodeDecodeError) as e:
       print(f"error: cannot read --list {args.image_list}: {e}",
             file=sys.stderr)
       return None
+    paths += listed
+    labels += listed_labels
   if not paths:
     print("error: no images given (IMAGE... or --list FILE)", file=sys.stderr)
     return None
-  return paths
+  return paths, labels
 
 
 def _load(checkpoint: str):
@@ -126,41 +157,54 @@ def _report(verb: str, done: int, failures) -> int:
 
 def _classify(args: argparse.Namespace) -> int:
   from mlimages_jax.inference import predict
-  paths = _image_paths(args)
-  if paths is None:
+  listed = _labelled_paths(args)
+  if listed is None:
     return 2
+  paths, _ = listed
   model = _load(args.checkpoint)
   if model is None:
     return 1
   predictions, failures = predict.classify(
       model, paths, top_k=args.top_k, batch_size=args.batch_size,
-      progress=not args.no_progress)
-  for p in predictions:
-    print(p.path)
-    for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
-      print(f"  {rank}. {prob:.4f}  {index:>5}  {class_id}  {name}")
+      preprocess=args.preprocess, progress=not args.no_progress)
+  if args.format == "original":
+    for line in predict.label_pred_lines(predictions, failures):
+      print(line)
+  else:
+    for p in predictions:
+      print(p.path)
+      for rank, (index, class_id, name, prob) in enumerate(p.classes, 1):
+        print(f"  {rank}. {prob:.4f}  {index:>5}  {class_id}  {name}")
   if args.out and predictions:
-    predict.write_predictions(args.out, predictions)
+    if args.format == "original":
+      predict.write_label_pred(args.out, predictions, failures)
+    else:
+      predict.write_predictions(args.out, predictions)
     print(f"wrote {args.out}", file=sys.stderr)
   return _report("classified", len(predictions), failures)
 
 
 def _features(args: argparse.Namespace) -> int:
   from mlimages_jax.inference import predict
-  paths = _image_paths(args)
-  if paths is None:
+  listed = _labelled_paths(args, labelled=args.format == "original")
+  if listed is None:
     return 2
+  paths, labels = listed
   model = _load(args.checkpoint)
   if model is None:
     return 1
   try:
     features, kept, failures = predict.extract_features_to_file(
         model, paths, args.out, crop=args.crop, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, progress=not args.no_progress)
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+        output_format=args.format, labels=labels)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  if kept:
+  if kept and args.format == "original":
+    print(f"wrote {args.out} ({len(kept)} lines of {features.shape[1]} "
+          "values)", file=sys.stderr)
+  elif kept:
     print(f"wrote {args.out} {features.shape} and "
           f"{predict.features_list_path(args.out)}", file=sys.stderr)
   return _report("extracted features of", len(kept), failures)

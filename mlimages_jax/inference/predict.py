@@ -2,27 +2,35 @@
 
 `LoadedModel` turns any checkpoint (a training workdir, a step, or an
 inference checkpoint such as a converted TF one) into a pmapped forward pass
-over the local devices; evaluation reuses it. Images are read and
-preprocessed by a tf.data pipeline (parallel decode) with the same TF
-functions as training and evaluation, so a photo is seen exactly as the
-evaluation pipeline would see it:
+over the local devices; evaluation reuses it. Two preprocessings:
 
-- `classify`: §7 evaluation preprocessing (central 80 % crop, bilinear resize
-  to the checkpoint's image size), the top-k classes with index, id (wnid or
-  ImageNet-1k id), name and probability (sigmoid for multi-label models,
-  softmax for single-label ones).
-- `extract_features`: §9 preprocessing (shorter side 256, the centre 224 crop
-  or the 10 crops averaged), the pooled feature vector of each image.
+- "original" (the default of both commands): the original's inference
+  clients, `image_classification.py` and `extract_feature.py`, exactly
+  (`inputs.client_preprocessing`: OpenCV decoding with EXIF orientation,
+  shorter side 256, 224 crops), read by a pool of threads.
+- "eval" (`classify` only): the §7 evaluation crop (central 80 %, bilinear
+  resize to the checkpoint's image size) by the same tf.data functions as
+  evaluation, so a photo is seen exactly as `mlimages evaluate` sees it.
+
+`classify` gives the top-k classes with index, id (wnid or ImageNet-1k id),
+name and probability (softmax for single-label checkpoints, as the original's
+classifier; sigmoid for multi-label ones). `extract_features` gives the pooled
+feature vector of the centre crop (the original's extractor) or the mean over
+the 10 crops.
 
 Files that cannot be read or decoded are skipped and reported with their
 reason; results keep the order of the input. `extract_features_to_file`
-saves long runs chunk by chunk so that a killed run resumes.
+saves long runs chunk by chunk so that a killed run resumes. The writers also
+produce the original's files (`label_pred.txt` blocks, feature lines).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -39,11 +47,13 @@ from tqdm import tqdm
 
 from mlimages_jax.checkpoints import store
 from mlimages_jax import fileio
+from mlimages_jax.inputs import client_preprocessing
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 
 CROPS = ("center", "10crop")
-FEATURE_RESIZE, FEATURE_CROP = 256, 224
+PREPROCESSINGS = ("original", "eval")
+FEATURE_FORMATS = ("npy", "original")
 
 
 class LoadedModel:
@@ -171,17 +181,40 @@ def read_image_list(path: str | os.PathLike[str],
                     root: str | os.PathLike[str] | None = None) -> list[str]:
   """Paths from a list file (one per line; blank lines and `#` comments skipped).
 
-  Relative entries are resolved against `root` (default: the current
-  directory), like the original project's `im_list_for_classification.txt`.
+  A line's path ends at its first TAB, as the original classifier reads
+  `im_list_for_classification.txt`. Relative entries are resolved against
+  `root` (default: the current directory).
   """
-  paths = []
+  return [path for path, _ in _list_entries(path, root, "\t")]
+
+
+def read_labelled_image_list(path: str | os.PathLike[str],
+                             root: str | os.PathLike[str] | None = None
+                             ) -> tuple[list[str], list[str]]:
+  """(paths, labels) from a list in the original feature extractor's form.
+
+  `extract_feature.py` splits each line at single spaces: the path, then the
+  label it copies into its output. A line without a label gets "" (the
+  original would stop with an IndexError).
+  """
+  entries = _list_entries(path, root, " ")
+  return [p for p, _ in entries], [label for _, label in entries]
+
+
+def _list_entries(path: str | os.PathLike[str],
+                  root: str | os.PathLike[str] | None, separator: str
+                  ) -> list[tuple[str, str]]:
+  entries = []
   with open(path, encoding="utf-8") as f:
     for line in f:
-      entry = line.strip()
-      if entry and not entry.startswith("#"):
-        paths.append(entry if root is None or os.path.isabs(entry)
-                     else os.path.join(root, entry))
-  return paths
+      if not line.strip() or line.lstrip().startswith("#"):
+        continue
+      fields = line.rstrip("\r\n").split(separator)
+      entry = fields[0].strip()
+      entries.append((entry if root is None or os.path.isabs(entry)
+                      else os.path.join(root, entry),
+                      fields[1].strip() if len(fields) > 1 else ""))
+  return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,15 +235,17 @@ def _unreadable(path: str) -> str | None:
   return None
 
 
-def _preprocessed_batches(
-    paths: Sequence[str], preprocess: Callable[[tf.Tensor], tf.Tensor],
-    batch_size: int, progress: bool, failures: list[Failure]
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+Loader = Callable[[list[int], int, list[Failure]],
+                  Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _batches(paths: Sequence[str], loader: Loader, batch_size: int,
+             progress: bool, failures: list[Failure]
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields (input indices, uint8 [b, crops, H, W, 3]) in input order.
 
-  Unreadable files never enter the pipeline; files that fail to decode are
-  dropped by `ignore_errors` and found as the indices missing between the
-  ones that come out. Both are appended to `failures`.
+  Unreadable files never reach `loader`; it appends the files it cannot
+  decode. `failures` ends sorted by input position.
   """
   readable = []
   for i, path in enumerate(paths):
@@ -222,30 +257,78 @@ def _preprocessed_batches(
   bar = tqdm(total=len(paths), unit="img", disable=not progress)
   bar.update(len(paths) - len(readable))
   if readable:
+    for indices, images in loader(readable, batch_size, failures):
+      bar.update(len(indices))
+      yield indices, images
+  bar.update(len(paths) - bar.n)
+  bar.close()
+  failures.sort(key=lambda f: f.index)
+
+
+def _client_loader(paths: Sequence[str], ten_crop: bool) -> Loader:
+  """The original clients' preprocessing, files decoded by a thread pool.
+
+  OpenCV releases the GIL while decoding and resizing; at most two batches
+  are in flight, so memory stays bounded on long lists.
+  """
+  def load(readable: list[int], batch_size: int, failures: list[Failure]
+           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    queue = iter(readable)
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+
+      def submit() -> None:
+        i = next(queue, None)
+        if i is not None:
+          pending.append((i, pool.submit(client_preprocessing.load_crops,
+                                         paths[i], ten_crop=ten_crop)))
+
+      for _ in range(2 * batch_size):
+        submit()
+      indices, crops = [], []
+      while pending:
+        i, job = pending.popleft()
+        submit()
+        try:
+          crops.append(job.result())
+          indices.append(i)
+        except client_preprocessing.ImageError as e:
+          failures.append(Failure(i, paths[i], e.reason))
+        if indices and (len(indices) == batch_size or not pending):
+          yield np.array(indices), np.stack(crops)
+          indices, crops = [], []
+  return load
+
+
+def _tf_loader(paths: Sequence[str],
+               preprocess: Callable[[tf.Tensor], tf.Tensor]) -> Loader:
+  """A tf.data pipeline (parallel decode) with the evaluation functions.
+
+  Files that fail to decode are dropped by `ignore_errors` and found as the
+  indices missing between the ones that come out.
+  """
+  def load(readable: list[int], batch_size: int, failures: list[Failure]
+           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     ds = tf.data.Dataset.from_tensor_slices(
         (np.array(readable, np.int64), [paths[i] for i in readable]))
     ds = ds.map(lambda i, p: (i, preprocess(tf.io.read_file(p))),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors().batch(batch_size).prefetch(2)
-    readable.append(len(paths))  # Sentinel: everything left is missing.
+    expected = [*readable, len(paths)]  # Sentinel: everything left is missing.
     pos = 0
     for indices, images in ds.as_numpy_iterator():
       for i in indices:
-        while readable[pos] < i:
-          skipped = readable[pos]
-          failures.append(Failure(skipped, paths[skipped],
+        while expected[pos] < i:
+          failures.append(Failure(expected[pos], paths[expected[pos]],
                                   "not a decodable image"))
           pos += 1
         pos += 1
-      bar.update(len(indices))
       yield indices, images
-    while readable[pos] < len(paths):
-      failures.append(Failure(readable[pos], paths[readable[pos]],
+    while expected[pos] < len(paths):
+      failures.append(Failure(expected[pos], paths[expected[pos]],
                               "not a decodable image"))
       pos += 1
-  bar.update(len(paths) - bar.n)
-  bar.close()
-  failures.sort(key=lambda f: f.index)
+  return load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,21 +339,31 @@ class Prediction:
 
 
 def classify(model: LoadedModel, paths: Sequence[str], *, top_k: int = 5,
-             batch_size: int = 32, progress: bool = True
+             batch_size: int = 32, preprocess: str = "original",
+             progress: bool = True
              ) -> tuple[list[Prediction], list[Failure]]:
-  """Top-k classes of each readable image (§7 evaluation preprocessing)."""
+  """Top-k classes of each readable image.
+
+  `preprocess` "original": the original classifier's centre 224 crop of the
+  image resized to shorter side 256 (whatever the checkpoint's image size,
+  as the original); "eval": the §7 evaluation crop at the checkpoint's size.
+  """
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
-  config = preprocessing.PreprocessConfig.for_mode("eval")
+  if preprocess not in PREPROCESSINGS:
+    raise ValueError(f"preprocess must be one of {PREPROCESSINGS}, not "
+                     f"{preprocess!r}")
   top_k = min(top_k, model.num_classes)
-
-  def preprocess(data: tf.Tensor) -> tf.Tensor:
-    return preprocessing.eval_image(data, image_size=model.image_size,
-                                    config=config)[None]
+  if preprocess == "original":
+    loader = _client_loader(paths, ten_crop=False)
+  else:
+    config = preprocessing.PreprocessConfig.for_mode("eval")
+    loader = _tf_loader(paths, lambda data: preprocessing.eval_image(
+        data, image_size=model.image_size, config=config)[None])
 
   predictions, failures = [], []
-  for indices, images in _preprocessed_batches(paths, preprocess, batch_size,
-                                               progress, failures):
+  for indices, images in _batches(paths, loader, batch_size, progress,
+                                  failures):
     logits, _ = model.forward(images[:, 0], pad_to=batch_size)
     probs = model.probabilities(logits)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
@@ -287,21 +380,18 @@ def extract_features(model: LoadedModel, paths: Sequence[str], *,
                      ) -> tuple[np.ndarray, list[str], list[Failure]]:
   """Pooled features float32 [n_ok, F] of the readable images, input order.
 
-  `crop` "center" uses the centre 224 crop of the image resized to shorter
-  side 256; "10crop" averages the features of the 4 corner crops, the centre
-  crop and their mirrors (§9). Returns (features, their paths, failures).
+  The original extractor's preprocessing: `crop` "center" is its centre 224
+  crop of the image resized to shorter side 256 (what it runs); "10crop"
+  averages the features of its 10 crops (4 corners, centre, and the same of
+  the mirrored image; the original's own 10-crop branch cannot run, see
+  README). Returns (features, their paths, failures).
   """
   if crop not in CROPS:
     raise ValueError(f"crop must be one of {CROPS}, not {crop!r}")
-
-  def preprocess(data: tf.Tensor) -> tf.Tensor:
-    return preprocessing.feature_crops(
-        data, resize_size=FEATURE_RESIZE, crop_size=FEATURE_CROP,
-        ten_crop=crop == "10crop")
-
+  loader = _client_loader(paths, ten_crop=crop == "10crop")
   chunks, kept, failures = [], [], []
-  for indices, crops in _preprocessed_batches(paths, preprocess, batch_size,
-                                              progress, failures):
+  for indices, crops in _batches(paths, loader, batch_size, progress,
+                                 failures):
     n, num_crops = crops.shape[:2]
     _, features = model.forward(crops.reshape(n * num_crops, *crops.shape[2:]),
                                 pad_to=batch_size * num_crops)
@@ -329,6 +419,54 @@ def write_predictions(path: str | os.PathLike[str],
         f.write(f"{p.path}\t{rank}\t{index}\t{class_id}\t{name}\t{prob:.6f}\n")
 
 
+def label_pred_lines(predictions: Sequence[Prediction],
+                     failures: Sequence[Failure] = ()) -> list[str]:
+  """The original classifier's `label_pred.txt`, in input order.
+
+  A block per image: `+++ the predictions of PATH is:` then `INDEX NAME:
+  PROB` per class with PROB at 3 decimals. NAME is the class name's first
+  word: the original's dictionary reader keeps the first TAB field of
+  `imagenet2012_dictionary.txt`, whose words are TAB-separated. A file it
+  cannot open gets the original's `open pic PATH failed` line.
+  """
+  blocks = [(f.index, [f"open pic {f.path} failed"]) for f in failures]
+  # Every input is a prediction (in input order) or a failure (with its
+  # position), so the predictions take the positions the failures leave.
+  failed = {f.index for f in failures}
+  positions = (i for i in itertools.count() if i not in failed)
+  for p, i in zip(predictions, positions):
+    blocks.append((i, [f"+++ the predictions of {p.path} is:"] + [
+        f"{index} {name.split()[0] if name.split() else name}: {prob:.3f}"
+        for index, _, name, prob in p.classes]))
+  return [line for _, lines in sorted(blocks) for line in lines]
+
+
+def write_label_pred(path: str | os.PathLike[str],
+                     predictions: Sequence[Prediction],
+                     failures: Sequence[Failure] = ()) -> None:
+  """`label_pred_lines` to `path`, as the original's `--result` file."""
+  with fileio.atomic_writer(path, encoding="utf-8") as f:
+    f.writelines(line + "\n" for line in label_pred_lines(predictions,
+                                                          failures))
+
+
+def write_feature_lines(path: str | os.PathLike[str], features: np.ndarray,
+                        image_paths: Sequence[str], labels: Sequence[str]
+                        ) -> None:
+  """The original extractor's file: `PATH<TAB>LABEL<TAB>f1 f2 ...` per image.
+
+  Each value is `str()` of the float32, as the original writes them (the
+  shortest decimal that reads back as the same float32).
+  """
+  if not len(features) == len(image_paths) == len(labels):
+    raise ValueError(f"{len(features)} feature rows for {len(image_paths)} "
+                     f"images and {len(labels)} labels")
+  with fileio.atomic_writer(path, encoding="utf-8") as f:
+    for row, image, label in zip(np.asarray(features, np.float32),
+                                 image_paths, labels):
+      f.write(f"{image}\t{label}\t{' '.join(str(x) for x in row)}\n")
+
+
 def features_list_path(path: str | os.PathLike[str]) -> pathlib.Path:
   """Where the list of images of a features file goes: FILE.npy -> FILE.txt."""
   return pathlib.Path(path).with_suffix(".txt")
@@ -351,18 +489,31 @@ def write_features(path: str | os.PathLike[str], features: np.ndarray,
 def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
                              out: str | os.PathLike[str], *,
                              crop: str = "center", batch_size: int = 32,
-                             chunk_size: int = 1024, progress: bool = True
+                             chunk_size: int = 1024, progress: bool = True,
+                             output_format: str = "npy",
+                             labels: Sequence[str] | None = None
                              ) -> tuple[np.ndarray, list[str], list[Failure]]:
-  """`extract_features` for long lists, written to `out` and its list; resumable.
+  """`extract_features` for long lists, written to `out`; resumable.
+
+  `output_format` "npy": `out` (.npy) and its list of images
+  (`features_list_path`); "original": the original extractor's text file,
+  with `labels` (one per input path; default empty) as its second column.
 
   Each chunk of `chunk_size` images is saved when it is done in
   ``<out>.partial/``; rerunning the same command (same images, checkpoint and
   crop) after a kill skips the chunks already done, so no work is lost or
   repeated. The directory is removed once `out` has been written.
   """
+  if output_format not in FEATURE_FORMATS:
+    raise ValueError(f"output_format must be one of {FEATURE_FORMATS}, not "
+                     f"{output_format!r}")
+  labels = [""] * len(paths) if labels is None else list(labels)
+  if len(labels) != len(paths):
+    raise ValueError(f"{len(labels)} labels for {len(paths)} images")
   out = pathlib.Path(out)
   work = out.with_name(out.name + ".partial")
   fingerprint = {
+      "preprocess": "original",
       "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
       "num_images": len(paths), "checkpoint": model.source,
       "step": model.metadata["step"], "crop": crop, "chunk_size": chunk_size}
@@ -396,7 +547,10 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   skipped = set(failed)
   kept = [p for i, p in enumerate(paths) if i not in skipped]
   features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-  if kept:
+  if kept and output_format == "original":
+    write_feature_lines(out, features, kept,
+                        [x for i, x in enumerate(labels) if i not in skipped])
+  elif kept:
     write_features(out, features, kept)
   shutil.rmtree(work)
   return features, kept, failures

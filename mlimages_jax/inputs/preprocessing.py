@@ -438,33 +438,3 @@ def eval_image(image_bytes: tf.Tensor, *, image_size: int,
   image = _decode_window(image_bytes, central_window, config.dct_method)
   image = _resize(image, (image_size, image_size), config.antialias)
   return _to_uint8(image)
-
-
-def feature_crops(image_bytes: tf.Tensor, *, resize_size: int = 256,
-                  crop_size: int = 224, ten_crop: bool = False,
-                  dct_method: str = "INTEGER_ACCURATE") -> tf.Tensor:
-  """§9 feature extraction input: uint8 [1 or 10, crop, crop, 3].
-
-  The shorter side is resized to `resize_size` (bilinear, aspect kept), then
-  the centre crop, or with `ten_crop` the 4 corner crops, the centre crop and
-  the mirrors of those 5 (in that order), whose features are averaged.
-  """
-  image = _decode_window(
-      image_bytes, lambda shape: tf.stack([0, 0, shape[0], shape[1]]),
-      dct_method)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = resize_size / tf.reduce_min(shape)
-  new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), crop_size)
-  image = tf.image.resize(image, new_hw, method="bilinear")
-  h, w = new_hw[0], new_hw[1]
-  centre = ((h - crop_size) // 2, (w - crop_size) // 2)
-  if ten_crop:
-    offsets = [(0, 0), (0, w - crop_size), (h - crop_size, 0),
-               (h - crop_size, w - crop_size), centre]
-  else:
-    offsets = [centre]
-  crops = tf.stack([image[y:y + crop_size, x:x + crop_size]
-                    for y, x in offsets])
-  if ten_crop:
-    crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
-  return _to_uint8(crops)
