@@ -12,8 +12,6 @@ mistake.
 
 from __future__ import annotations
 
-import pathlib
-
 import cv2
 import numpy as np
 import pytest

@@ -126,7 +126,7 @@ _apply_float = jax.jit(lambda v, x: _MODEL.apply(v, x, train=False))
 
 def _oracle_forward(variables, inputs: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-  """The network on the original's float inputs, fed as its float32 placeholder."""
+  """The network on the original's float inputs (its float32 placeholder)."""
   outputs = [_apply_float(variables, x[None].astype(np.float32))
              for x in inputs]
   return (np.concatenate([np.asarray(o[0]) for o in outputs]),
