@@ -282,8 +282,9 @@ def test_cli_classify_and_features(checkpoint, generated_images, bad_files,
                                    tmp_path, capsys):
   listing = tmp_path / "list.txt"
   folder = pathlib.Path(generated_images[0]).parent
+  # The path ends at a TAB, as in the original classifier's lists.
   listing.write_text("# images\n" + "".join(
-      f"{pathlib.Path(p).name}\n" for p in generated_images[:2]) + "\n")
+      f"{pathlib.Path(p).name}\t0\n" for p in generated_images[:2]) + "\n")
   out = tmp_path / "label_pred.txt"
   bad = list(bad_files)[0]
   code = cli_main(["classify", generated_images[2], bad, "--list",

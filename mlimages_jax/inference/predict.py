@@ -436,7 +436,7 @@ def label_pred_lines(predictions: Sequence[Prediction],
   positions = (i for i in itertools.count() if i not in failed)
   for p, i in zip(predictions, positions):
     blocks.append((i, [f"+++ the predictions of {p.path} is:"] + [
-        f"{index} {name.split()[0] if name.split() else name}: {prob:.3f}"
+        f"{index} {(name.split() or [''])[0]}: {prob:.3f}"
         for index, _, name, prob in p.classes]))
   return [line for _, lines in sorted(blocks) for line in lines]
 
