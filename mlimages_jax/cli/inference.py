@@ -20,7 +20,8 @@ def _positive_int(text: str) -> int:
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("images", nargs="*", metavar="IMAGE",
-                      help="image files (JPEG, PNG, GIF, BMP)")
+                      help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF: what "
+                      "OpenCV reads)")
   parser.add_argument("--list", dest="image_list", metavar="FILE",
                       help="a file with one image path per line (the path "
                       "ends at a TAB; with features --format original at a "
