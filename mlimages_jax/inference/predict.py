@@ -22,6 +22,7 @@ saves long runs chunk by chunk so that a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -69,7 +70,7 @@ class LoadedModel:
     # local devices, as in a data-parallel training step.
     self._variables = flax.jax_utils.replicate(
         jax.tree.map(np.asarray, dict(variables)))
-    self._forward = jax.pmap(self._apply)
+    self._forward = _pmapped_forward(self.model)
 
   @classmethod
   def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
@@ -82,7 +83,7 @@ class LoadedModel:
       raise store.CheckpointError(
           f"{checkpoint}: cannot read the checkpoint ({type(e).__name__}: "
           f"{e})") from e
-    return cls(variables, metadata, source=os.path.abspath(checkpoint))
+    return cls(variables, metadata, source=str(fileio.as_path(checkpoint)))
 
   @property
   def num_classes(self) -> int:
@@ -103,11 +104,6 @@ class LoadedModel:
   @property
   def class_names(self) -> list[str]:
     return self.metadata["classes"]["names"]
-
-  def _apply(self, variables: Any, images: jnp.ndarray
-             ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    return self.model.apply(variables, preprocessing.normalize(images),
-                            train=False)
 
   def forward_sharded(self, images: np.ndarray
                       ) -> tuple[jax.Array, jax.Array]:
@@ -138,6 +134,14 @@ class LoadedModel:
       shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
       return shifted / shifted.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-logits))
+
+
+@functools.lru_cache(maxsize=4)
+def _pmapped_forward(model: resnet.ResNet) -> Callable:
+  """One compiled forward pass per network: a training run that evaluates
+  every N steps builds a `LoadedModel` each time and compiles only once."""
+  return jax.pmap(lambda variables, images: model.apply(
+      variables, preprocessing.normalize(images), train=False))
 
 
 def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
