@@ -26,8 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from etils import epath
 from tqdm import tqdm
 
 from mlimages_jax.checkpoints import store
@@ -318,7 +317,7 @@ def extract_features(model: LoadedModel, paths: Sequence[str], *,
 
 
 # ---------------------------------------------------------------------------
-# Writing results (atomically: temp file + rename).
+# Writing results (atomically, local or remote: see fileio).
 
 PREDICTIONS_HEADER = "image\trank\tindex\tid\tname\tprobability"
 
@@ -333,13 +332,13 @@ def write_predictions(path: str | os.PathLike[str],
         f.write(f"{p.path}\t{rank}\t{index}\t{class_id}\t{name}\t{prob:.6f}\n")
 
 
-def features_list_path(path: str | os.PathLike[str]) -> pathlib.Path:
+def features_list_path(path: str | os.PathLike[str]) -> epath.Path:
   """Where the list of images of a features file goes: FILE.npy -> FILE.txt."""
-  return pathlib.Path(path).with_suffix(".txt")
+  return fileio.as_path(path).with_suffix(".txt")
 
 
 def write_features(path: str | os.PathLike[str], features: np.ndarray,
-                   image_paths: Sequence[str]) -> pathlib.Path:
+                   image_paths: Sequence[str]) -> epath.Path:
   """Writes FILE.npy and, row by row, the images' paths to FILE.txt."""
   if len(features) != len(image_paths):
     raise ValueError(f"{len(features)} feature rows for {len(image_paths)} "
@@ -362,9 +361,10 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   Each chunk of `chunk_size` images is saved when it is done in
   ``<out>.partial/``; rerunning the same command (same images, checkpoint and
   crop) after a kill skips the chunks already done, so no work is lost or
-  repeated. The directory is removed once `out` has been written.
+  repeated. The directory is removed once `out` has been written. `out` may
+  be local or remote (``gs://...``).
   """
-  out = pathlib.Path(out)
+  out = fileio.as_path(out)
   work = out.with_name(out.name + ".partial")
   fingerprint = {
       "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
@@ -392,7 +392,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
         np.savez(f, features=features,
                  failed=np.array([start + x.index for x in failures], np.int64),
                  reasons=np.array([x.reason for x in failures], str))
-    with np.load(part) as saved:
+    with part.open("rb") as f, np.load(f) as saved:
       chunks.append(saved["features"])
       failed.extend(saved["failed"].tolist())
       reasons.extend(saved["reasons"].tolist())
@@ -402,5 +402,5 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
   if kept:
     write_features(out, features, kept)
-  shutil.rmtree(work)
+  work.rmtree()
   return features, kept, failures
