@@ -5,9 +5,11 @@ network; its in-process RAM filesystem (``ram://``) is a real non-local
 filesystem (no os/pathlib/open works on it) that the same calls reach.
 epath only routes the URI schemes it lists (gs, s3, az, hf), so
 `route_ram_through_epath` adds ``ram`` to those tables (TensorFlow's
-backend, like ``gs://``). One quirk of TF's RAM filesystem is corrected:
-opening an existing file for writing appends to it instead of replacing it
-(GCS and S3 replace the object), so `_RamBackend` removes it first. What
+backend, like ``gs://``). Two quirks of TF's RAM filesystem are corrected
+(`_RamBackend`), where GCS and S3 behave as a filesystem should: opening an
+existing file for writing appends to it instead of replacing it, and a path
+"exists" when it is a mere prefix of another (``f.npy`` of
+``f.npy.partial/``). What
 ``ram://`` cannot show: Orbax writes arrays
 through TensorStore, which knows gs:// and local files but not TF's RAM
 filesystem, so checkpoints stay local in these tests.
@@ -15,6 +17,7 @@ filesystem, so checkpoints stay local in these tests.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -24,7 +27,15 @@ from etils.epath import register
 
 
 class _RamBackend(backend._TfBackend):  # pylint: disable=protected-access
-  """tf.io.gfile, with "w" replacing an existing file as object stores do."""
+  """tf.io.gfile on ram://, with the semantics of GCS (see above)."""
+
+  def exists(self, path) -> bool:
+    parent, name = os.fspath(path).rstrip("/").rsplit("/", 1)
+    return (super().exists(path)
+            and name in [c.rstrip("/") for c in self.listdir(parent)])
+
+  def isdir(self, path) -> bool:
+    return self.exists(path) and super().isdir(path)
 
   def open(self, path, mode):
     if "w" in mode and self.exists(path):

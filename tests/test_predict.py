@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inference import predict
 from mlimages_jax.train import losses
@@ -258,10 +259,15 @@ def test_cli_classify_and_features(checkpoint, generated_images, bad_files,
   np.testing.assert_allclose(features, direct, rtol=1e-6)
 
 
+@pytest.mark.parametrize("remote", [False, True])
 def test_killed_features_run_resumes_without_redoing_chunks(
-    loaded, generated_images, bad_files, tmp_path, monkeypatch):
+    loaded, generated_images, bad_files, tmp_path, monkeypatch, remote):
+  """Also with `--out` on a non-local filesystem (ram:// through epath)."""
+  from remote_helpers import route_ram_through_epath  # pylint: disable=g-import-not-at-top
+  root = fileio.as_path(route_ram_through_epath(monkeypatch) if remote
+                        else tmp_path)
   paths = [*generated_images, list(bad_files)[0]]  # 6 images, 3 chunks of 2.
-  out = tmp_path / "f.npy"
+  out = root / "f.npy"
   calls = []
   real = predict.extract_features
 
@@ -276,7 +282,7 @@ def test_killed_features_run_resumes_without_redoing_chunks(
     predict.extract_features_to_file(loaded, paths, out, chunk_size=2,
                                        progress=False)
   assert not out.exists()
-  assert len(list((tmp_path / "f.npy.partial").glob("part-*.npz"))) == 2
+  assert len(list((root / "f.npy.partial").glob("part-*.npz"))) == 2
   calls.clear()
   monkeypatch.setattr(predict, "extract_features", real)
   with pytest.raises(ValueError, match="another features run"):
@@ -286,11 +292,12 @@ def test_killed_features_run_resumes_without_redoing_chunks(
   features, kept, failures = predict.extract_features_to_file(
       loaded, paths, out, chunk_size=2, progress=False)
   assert calls == [paths[4:]]  # Only the unfinished chunk was computed.
-  assert not (tmp_path / "f.npy.partial").exists()
+  assert not (root / "f.npy.partial").exists()
   assert kept == generated_images and [f.index for f in failures] == [5]
   one_shot, _, _ = real(loaded, paths, batch_size=2, progress=False)
-  np.testing.assert_allclose(np.load(out), one_shot, rtol=1e-5, atol=1e-7)
-  assert (tmp_path / "f.txt").read_text().splitlines() == kept
+  with out.open("rb") as f:
+    np.testing.assert_allclose(np.load(f), one_shot, rtol=1e-5, atol=1e-7)
+  assert (root / "f.txt").read_text().splitlines() == kept
 
 
 def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,
