@@ -75,9 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 2048
   c.num_train_steps = 440_000
   c.eval_batch_size = 2048
-  # Training-time mAP on the first 10k validation images (the full 88,739 x
-  # 11,166 scores are 4 GB: use the evaluation tool for the whole split).
-  c.num_eval_examples = 10_000
+  # Training-time mAP on the whole validation split (num_eval_examples -1),
+  # through the streaming evaluator of `mlimages evaluate` (bounded memory).
 
   if arg == "demo":
     c.dataset = "ml_images/synthetic"

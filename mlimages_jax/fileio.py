@@ -1,27 +1,64 @@
-"""Atomic file writes shared by every tool.
+"""Paths and atomic file writes shared by every tool, local or remote.
 
-A result file appears complete or not at all: it is written to a temporary
-file in the same directory, fsync'ed, then renamed over the target. An
-interrupted or failed run therefore never leaves a truncated file that a
-later step (or a resumed run) would trust. Kept free of heavy imports so the
-label tools start fast.
+Every path a user gives (a workdir, a data_dir, a checkpoint, an output) may
+be local or a URI such as ``gs://bucket/run``, as flax and big_vision users
+expect. They all go through `etils.epath` (`as_path`), which sends URIs to
+tf.io.gfile (GCS, S3 via TF's plugins) and local paths to the OS.
+
+A result file appears complete or not at all, with what each kind of storage
+offers:
+
+- local disk: a temporary file in the same directory, fsync'ed, then renamed
+  over the target (an atomic rename);
+- an object store (``gs://``, ``s3://``): no rename (GCS "renames" by copy and
+  delete), but every object is written then committed: it becomes visible
+  only once its upload completes, and never half-written. The content is
+  therefore buffered and uploaded in one write, only if the writer's body
+  succeeded; a failure or a kill before that leaves the previous object.
+
+An interrupted or failed run thus never leaves a truncated file that a later
+step (or a resumed run) would trust. Kept free of heavy imports so the label
+tools start fast (epath loads TensorFlow only when a URI is used).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import tempfile
 from typing import IO, Iterator, Union
 
+from etils import epath
+
 PathLike = Union[str, os.PathLike]
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether `path` is a URI (``gs://...``) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """The one way to open a user's path: local, or remote through epath.
+
+  Local paths are made absolute (Orbax requires it; a later chdir cannot
+  move them).
+  """
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 @contextlib.contextmanager
 def atomic_writer(path: PathLike, mode: str = "w",
                   **open_kwargs) -> Iterator[IO]:
-  """Opens a temporary file next to `path` that replaces it only on success."""
+  """A file that replaces `path` only on success (see the module docstring)."""
+  if is_remote(path):
+    with _object_writer(as_path(path), mode, **open_kwargs) as f:
+      yield f
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
@@ -36,3 +73,34 @@ def atomic_writer(path: PathLike, mode: str = "w",
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+@contextlib.contextmanager
+def _object_writer(path: epath.Path, mode: str,
+                   **open_kwargs) -> Iterator[IO]:
+  """Buffers the content, then writes the object in one upload (a commit)."""
+  buffer = io.BytesIO()
+  if "b" in mode:
+    yield buffer
+  else:
+    text = io.TextIOWrapper(buffer, **open_kwargs)
+    yield text
+    text.flush()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Appends `text` to a log file (created if missing).
+
+  Object stores cannot append: there the object is read and written again
+  whole, atomically (fine for a run's log of a few thousand lines).
+  """
+  if is_remote(path):
+    path = as_path(path)
+    old = path.read_text() if path.exists() else ""
+    with atomic_writer(path) as f:
+      f.write(old + text)
+    return
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(text)

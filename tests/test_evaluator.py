@@ -309,6 +309,59 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
   assert not (tmp_path / "w" / evaluator.PROGRESS_DIR).exists()
 
 
+def test_remote_data_dir_and_workdir(data_dir, checkpoint_dirs, tmp_path,
+                                     monkeypatch):
+  """The dataset read from, and the results written to, a non-local
+  filesystem (TF's ram://, reached through epath like gs://): the same
+  numbers as locally; the spilled scores and progress stay on the local disk
+  and are removed, and a killed evaluation resumes from there."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from remote_helpers import route_ram_through_epath  # pylint: disable=g-import-not-at-top
+  root = route_ram_through_epath(monkeypatch)
+  for directory, _, files in tf.io.gfile.walk(data_dir):
+    target = f"{root}/tfds/{os.path.relpath(directory, data_dir)}"
+    tf.io.gfile.makedirs(target)
+    for name in files:
+      tf.io.gfile.copy(f"{directory}/{name}", f"{target}/{name}")
+  kwargs = dict(dataset="eval_tiny_multi", batch_size=8, save_every=1,
+                progress=False)
+  local = evaluator.evaluate_checkpoint(
+      checkpoint_dirs["multi"], data_dir=data_dir, workdir=tmp_path / "w",
+      **kwargs)
+  workdir = f"{root}/eval"
+  progress = evaluator._progress_root(epath.Path(workdir))  # pylint: disable=protected-access
+  assert not str(progress).startswith("ram:")  # A local directory.
+  real_update = metrics.MultiLabelAccumulator.update
+  updates = []
+
+  def dies_on_third_batch(self, *args, **update_kwargs):
+    updates.append(1)
+    if len(updates) == 3:
+      raise KeyboardInterrupt
+    real_update(self, *args, **update_kwargs)
+
+  monkeypatch.setattr(metrics.MultiLabelAccumulator, "update",
+                      dies_on_third_batch)
+  with pytest.raises(KeyboardInterrupt):
+    evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
+                                  data_dir=f"{root}/tfds", workdir=workdir,
+                                  **kwargs)
+  assert progress.is_dir()
+  updates.clear()
+  remote = evaluator.evaluate_checkpoint(
+      checkpoint_dirs["multi"], data_dir=f"{root}/tfds", workdir=workdir,
+      **kwargs)
+  assert len(updates) == 1  # Resumed after the 2 saved batches.
+  assert remote["path"] == f"{workdir}/{evaluator.RESULTS_FILE}"
+  written = json.loads(epath.Path(remote["path"]).read_text())
+  for key in ("num_examples", "map", "map_by_depth", "top1", "per_class"):
+    assert written["results"]["32"][key] == local["results"]["32"][key]
+  assert [p.name for p in epath.Path(workdir).iterdir()] == [
+      evaluator.RESULTS_FILE]
+  assert not progress.exists()
+
+
 def _worker(out: str, data_dir: str, checkpoint: str, process_id: int,
             num_processes: int, port: int) -> None:
   """One process of a (multi-process) evaluation: ``python THIS_FILE ...``."""

@@ -27,3 +27,37 @@ def test_atomic_writer_binary_mode(tmp_path):
   with fileio.atomic_writer(target, "wb") as f:
     f.write(b"\x00\xff")
   assert target.read_bytes() == b"\x00\xff"
+
+
+def test_atomic_writer_on_an_object_store_commits_only_on_success(
+    monkeypatch):
+  """Remote: one upload after the body succeeded; a failure writes nothing
+  (no temporary object either), the previous content stays."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from remote_helpers import route_ram_through_epath  # pylint: disable=g-import-not-at-top
+  root = route_ram_through_epath(monkeypatch)
+  target = f"{root}/sub/out.txt"
+  assert fileio.is_remote(target) and not fileio.is_remote("/tmp/x")
+  with fileio.atomic_writer(target, encoding="utf-8") as f:
+    f.write("first\n")
+    assert not epath.Path(target).exists()  # Not committed yet.
+  assert epath.Path(target).read_text() == "first\n"
+  with pytest.raises(RuntimeError):
+    with fileio.atomic_writer(target) as f:
+      f.write("half-written")
+      raise RuntimeError("killed")
+  assert epath.Path(target).read_text() == "first\n"
+  assert [p.name for p in epath.Path(f"{root}/sub").iterdir()] == ["out.txt"]
+  with fileio.atomic_writer(f"{root}/out.bin", "wb") as f:
+    f.write(b"\x00\xff")
+  assert epath.Path(f"{root}/out.bin").read_bytes() == b"\x00\xff"
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_append_text(tmp_path, monkeypatch, remote):
+  from remote_helpers import route_ram_through_epath  # pylint: disable=g-import-not-at-top
+  root = route_ram_through_epath(monkeypatch) if remote else str(tmp_path)
+  path = fileio.as_path(f"{root}/log.jsonl")
+  fileio.append_text(path, "a\n")
+  fileio.append_text(path, "b\n")
+  assert path.read_text() == "a\nb\n"

@@ -101,6 +101,38 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
 
 
 @pytest.mark.slow
+def test_in_loop_evaluation_equals_mlimages_evaluate(smoke_run, data_dir, env,
+                                                    tmp_path):
+  """The loop's evaluation at step 6 and ``mlimages evaluate`` of the step-6
+  checkpoint (same devices, batch and examples) run one code path on the same
+  weights and images, so every number agrees exactly, per class included;
+  only the checkpoint's name and the timings may differ."""
+  in_loop = json.loads(
+      (smoke_run / "eval" / "6" / "eval_results.json").read_text())
+  command = [sys.executable, "-m", "mlimages_jax", "evaluate",
+             "--checkpoint", str(smoke_run / "checkpoints" / "6"),
+             "--dataset", "ml_images/synthetic", "--data-dir", str(data_dir),
+             "--image-size", "32", "--batch-size", "64",
+             "--num-examples", "128", "--workdir", str(tmp_path),
+             "--no-progress"]
+  result = _run(command, env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tool = json.loads((tmp_path / "eval_results.json").read_text())
+
+  def comparable(results):
+    return {**results, "checkpoint": None, "results": {
+        size: {k: v for k, v in r.items()
+               if k not in ("seconds", "images_per_second")}
+        for size, r in results["results"].items()}}
+
+  assert comparable(in_loop) == comparable(tool)
+  assert tool["step"] == 6 and tool["results"]["32"]["num_examples"] == 128
+  eval_line = [l for l in _lines(smoke_run) if "mAP" in l][-1]
+  assert eval_line["mAP"] == tool["results"]["32"]["map"]
+  assert eval_line["seconds"] > 0  # The evaluation's duration is logged.
+
+
+@pytest.mark.slow
 def test_incompatible_checkpoint_fails_before_compiling(smoke_run, data_dir):
   config = pretrain.get_config("smoke")
   config.data_dir = str(data_dir)

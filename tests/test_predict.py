@@ -26,6 +26,7 @@ from PIL import Image
 
 import original_clients as oracle
 from conftest import shared_ml_images_dir
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inference import predict
 from mlimages_jax.train import losses
@@ -360,10 +361,15 @@ def test_cli_original_formats(checkpoint, loaded, generated_images,
   assert not (tmp_path / "test.npy").exists()
 
 
+@pytest.mark.parametrize("remote", [False, True])
 def test_killed_features_run_resumes_without_redoing_chunks(
-    loaded, generated_images, bad_files, tmp_path, monkeypatch):
+    loaded, generated_images, bad_files, tmp_path, monkeypatch, remote):
+  """Also with `--out` on a non-local filesystem (ram:// through epath)."""
+  from remote_helpers import route_ram_through_epath  # pylint: disable=g-import-not-at-top
+  root = fileio.as_path(route_ram_through_epath(monkeypatch) if remote
+                        else tmp_path)
   paths = [*generated_images, list(bad_files)[0]]  # 6 images, 3 chunks of 2.
-  out = tmp_path / "f.npy"
+  out = root / "f.npy"
   calls = []
   real = predict.extract_features
 
@@ -378,7 +384,7 @@ def test_killed_features_run_resumes_without_redoing_chunks(
     predict.extract_features_to_file(loaded, paths, out, chunk_size=2,
                                        progress=False)
   assert not out.exists()
-  assert len(list((tmp_path / "f.npy.partial").glob("part-*.npz"))) == 2
+  assert len(list((root / "f.npy.partial").glob("part-*.npz"))) == 2
   calls.clear()
   monkeypatch.setattr(predict, "extract_features", real)
   with pytest.raises(ValueError, match="another features run"):
@@ -388,11 +394,12 @@ def test_killed_features_run_resumes_without_redoing_chunks(
   features, kept, failures = predict.extract_features_to_file(
       loaded, paths, out, chunk_size=2, progress=False)
   assert calls == [paths[4:]]  # Only the unfinished chunk was computed.
-  assert not (tmp_path / "f.npy.partial").exists()
+  assert not (root / "f.npy.partial").exists()
   assert kept == generated_images and [f.index for f in failures] == [5]
   one_shot, _, _ = real(loaded, paths, batch_size=2, progress=False)
-  np.testing.assert_allclose(np.load(out), one_shot, rtol=1e-5, atol=1e-7)
-  assert (tmp_path / "f.txt").read_text().splitlines() == kept
+  with out.open("rb") as f:
+    np.testing.assert_allclose(np.load(f), one_shot, rtol=1e-5, atol=1e-7)
+  assert (root / "f.txt").read_text().splitlines() == kept
 
 
 def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,

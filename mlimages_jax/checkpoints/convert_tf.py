@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mlimages_jax import fileio
 from mlimages_jax.data import hierarchy as hierarchy_lib
 
 # Flax BN variable -> the tf.layers.batch_normalization variable.
@@ -259,7 +260,7 @@ def convert_checkpoint(prefix: str, out: str | os.PathLike, *,
   """
   from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
 
-  if os.path.exists(out) and not overwrite:
+  if fileio.as_path(out).exists() and not overwrite:
     raise ConversionError(f"{out} exists (use --overwrite to replace it)")
   tf_vars = read_tf_checkpoint(prefix)
   variables, spec, ignored = convert_variables(

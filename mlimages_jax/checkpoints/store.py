@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import shutil
 import tempfile
 from typing import Any, Mapping, Sequence
@@ -31,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mlimages_jax import fileio
 
 FORMAT = "mlimages-jax"
 CHECKPOINT_DIR = "checkpoints"
@@ -281,8 +282,7 @@ def load_for_inference(path: str | os.PathLike
   directory (the latest step is used when several exist), or an inference
   checkpoint written by `save_inference_checkpoint`.
   """
-  # Orbax needs absolute paths; remote ones (gs://...) already are.
-  path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+  path = fileio.as_path(path)  # Absolute, as Orbax needs; or gs://...
   if not path.exists():
     raise CheckpointError(f"{path}: no such checkpoint")
   if (path / INFERENCE_METADATA_FILE).is_file():
@@ -304,9 +304,15 @@ def load_for_inference(path: str | os.PathLike
 def save_inference_checkpoint(path: str | os.PathLike,
                               variables: Mapping[str, Any],
                               metadata: Mapping[str, Any], *,
-                              overwrite: bool = False) -> pathlib.Path:
-  """Writes weights + metadata atomically (a temp dir renamed into place)."""
-  path = pathlib.Path(path).resolve()
+                              overwrite: bool = False) -> epath.Path:
+  """Writes weights + metadata atomically, locally or remotely (gs://).
+
+  Locally: a temporary directory renamed into place. An object store has no
+  directory rename, so there the weights are written in place and the
+  metadata file, written last in one upload, is the commit: a reader
+  (`load_for_inference`) finds no checkpoint until it exists.
+  """
+  path = fileio.as_path(path)
   validate_metadata(metadata, str(path / INFERENCE_METADATA_FILE))
   if set(variables) != {"params", "batch_stats"}:
     raise CheckpointError(
@@ -314,14 +320,24 @@ def save_inference_checkpoint(path: str | os.PathLike,
         f"{sorted(variables)}")
   if path.exists() and not overwrite:
     raise CheckpointError(f"{path} exists (pass overwrite=True to replace it)")
+
+  def write(directory: epath.Path) -> None:
+    ocp.PyTreeCheckpointer().save(
+        directory / _VARIABLES,
+        args=ocp.args.PyTreeSave(_to_host(dict(variables))))
+    with fileio.atomic_writer(directory / INFERENCE_METADATA_FILE) as f:
+      f.write(json.dumps(dict(metadata), indent=1))
+
+  if fileio.is_remote(path):
+    if path.exists():  # Uncommit first: never old metadata on new weights.
+      (path / INFERENCE_METADATA_FILE).unlink(missing_ok=True)
+      path.rmtree()
+    write(path)
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  tmp = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
   try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save(tmp / _VARIABLES,
-                      args=ocp.args.PyTreeSave(_to_host(dict(variables))))
-    (tmp / INFERENCE_METADATA_FILE).write_text(
-        json.dumps(dict(metadata), indent=1))
+    write(tmp)
     if path.exists():
       old = path.with_name(f".{path.name}.old-{os.getpid()}")
       os.replace(path, old)

@@ -1,4 +1,8 @@
-"""Evaluation of any checkpoint on a TFDS split -> ``<workdir>/eval_results.json``.
+"""Evaluation of a model on a TFDS split -> ``<workdir>/eval_results.json``.
+
+The one evaluation path of the project: `mlimages evaluate` runs it on a
+checkpoint (`evaluate_checkpoint`), the training loop on its current state
+(`evaluate_model`, via train/evaluator.py), so both give the same numbers.
 
 Single-label checkpoints (ImageNet-1k fine-tuning): top-1 / top-5 accuracy.
 Multi-label checkpoints (ML-Images): mAP over the classes with at least one
@@ -14,24 +18,28 @@ invariant under the sigmoid, which would turn confident scores into ties at
 1.0) streamed into `metrics.MultiLabelAccumulator`, which spills them to disk
 (88,739 x 11,166 is 4 GB), so memory stays bounded. The spilled scores and a
 periodic snapshot of the accumulator and the input position make a killed
-evaluation resumable.
+evaluation resumable. The workdir may be remote (``gs://``); the spilled
+scores and the progress then stay on the local disk (`_progress_root`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -84,6 +92,7 @@ def _gather(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 def _evaluate_size(model: predict.LoadedModel, *, dataset: str,
                    data_dir: str | None, split: str, image_size: int,
                    batch_size: int, top_k: Sequence[int], num_examples: int,
+                   preprocess: Mapping[str, Any] | None,
                    depth: np.ndarray | None, progress_dir: pathlib.Path,
                    save_every: int, progress: bool) -> dict[str, Any]:
   """One pass over the split at one image size; resumes from `progress_dir`.
@@ -96,7 +105,7 @@ def _evaluate_size(model: predict.LoadedModel, *, dataset: str,
   iterator = pipeline.create_input_iterator(
       dataset=dataset, data_dir=data_dir, split=split,
       global_batch_size=batch_size, image_size=image_size, mode="eval",
-      label_mode=model.label_mode, seed=0,
+      label_mode=model.label_mode, seed=0, preprocess=preprocess,
       process_index=jax.process_index(), process_count=jax.process_count(),
       local_device_count=jax.local_device_count())
   num_batches = iterator.num_batches
@@ -106,7 +115,8 @@ def _evaluate_size(model: predict.LoadedModel, *, dataset: str,
       "checkpoint": model.source, "step": model.metadata["step"],
       "dataset": dataset, "split": split, "image_size": image_size,
       "batch_size": batch_size, "num_batches": num_batches,
-      "top_k": list(top_k), "process_count": jax.process_count()})
+      "top_k": list(top_k), "preprocess": dict(preprocess or {}),
+      "process_count": jax.process_count()})
   state_file = progress_dir / "state.npz"
   result_file = progress_dir / "result.json"
   done: int | None = 0  # Batches already evaluated; -1: all, None: stale.
@@ -195,35 +205,44 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
-                        data_dir: str | None = None, split: str = "validation",
-                        image_size: int | Sequence[int] | None = None,
-                        batch_size: int = 64,
-                        workdir: str | os.PathLike[str],
-                        top_k: Sequence[int] = (1, 5, 10),
-                        num_examples: int = 0, save_every: int = 50,
-                        progress: bool = True) -> dict[str, Any]:
-  """Evaluates `checkpoint` on `dataset`/`split`; writes eval_results.json.
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str],
+                        **kwargs: Any) -> dict[str, Any]:
+  """Evaluates the checkpoint at `checkpoint` (any kind `LoadedModel` reads,
+  local or ``gs://``); the arguments are those of `evaluate_model`."""
+  return evaluate_model(predict.LoadedModel.load(checkpoint), **kwargs)
 
-  `image_size` is one size or several (one pass each; default: the size the
-  checkpoint was trained at). `batch_size` is global (all processes) and must
-  be divisible by the number of devices. `num_examples` > 0 evaluates only
-  the first examples (a quick look). Progress is saved every `save_every`
-  batches in ``<workdir>/.eval-progress/``: rerunning a killed evaluation
-  with the same arguments resumes it. Returns what it wrote, plus "path".
+
+def evaluate_model(model: predict.LoadedModel, *, dataset: str,
+                   data_dir: str | None = None, split: str = "validation",
+                   image_size: int | Sequence[int] | None = None,
+                   batch_size: int = 64, workdir: str | os.PathLike[str],
+                   top_k: Sequence[int] = (1, 5, 10), num_examples: int = 0,
+                   preprocess: Mapping[str, Any] | None = None,
+                   save_every: int = 50,
+                   progress: bool = True) -> dict[str, Any]:
+  """Evaluates `model` on `dataset`/`split`; writes eval_results.json.
+
+  The one evaluation path: `mlimages evaluate` and the training loop's
+  evaluations both run it. `image_size` is one size or several (one pass
+  each; default: the size the checkpoint was trained at). `batch_size` is
+  global (all processes) and must be divisible by the number of devices.
+  `num_examples` > 0 evaluates only the first examples (a quick look).
+  `preprocess` overrides the evaluation preprocessing (`PreprocessConfig`).
+  `workdir` may be local or remote (``gs://...``). Progress is saved every
+  `save_every` batches in `_progress_root(workdir)`: rerunning a killed
+  evaluation with the same arguments resumes it. Returns what it wrote, plus
+  "path".
   """
-  checkpoint = os.fspath(checkpoint)
-  model = predict.LoadedModel.load(checkpoint)
   if batch_size % jax.device_count():
     raise EvaluationError(f"batch size {batch_size} is not divisible by the "
                           f"{jax.device_count()} devices")
   try:
     info = pipeline.dataset_info(dataset, data_dir,
-                                       label_mode=model.label_mode)
+                                 label_mode=model.label_mode)
   except ValueError as e:  # E.g. no multi-label targets in the dataset.
-    raise EvaluationError(f"{checkpoint} ({model.label_mode}-label) cannot be "
-                          f"evaluated on {dataset}: {e}") from e
-  _check_classes(model, info, checkpoint)
+    raise EvaluationError(f"{model.source} ({model.label_mode}-label) cannot "
+                          f"be evaluated on {dataset}: {e}") from e
+  _check_classes(model, info, model.source)
   if split not in info.split_sizes:
     raise EvaluationError(f"{dataset} has no split {split!r} (splits: "
                           f"{sorted(info.split_sizes)})")
@@ -231,10 +250,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
            [image_size] if isinstance(image_size, int) else list(image_size))
   depth = (_hierarchy_depth(dataset, data_dir) if model.label_mode == "multi"
            else None)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = fileio.as_path(workdir)
+  progress_root = _progress_root(workdir)
   results = {
-      "checkpoint": os.path.abspath(checkpoint),
+      "checkpoint": model.source,
       "step": model.metadata["step"],
       "dataset": info.name, "split": split,
       "label_mode": model.label_mode,
@@ -243,13 +262,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
       "class_ids": list(model.class_ids),
       "results": {},
   }
-  for size in sizes:
+  progress_dirs = [progress_root / f"{split}-{size}px" for size in sizes]
+  for size, progress_dir in zip(sizes, progress_dirs):
     results["results"][str(size)] = _evaluate_size(
         model, dataset=dataset, data_dir=data_dir, split=split,
         image_size=int(size), batch_size=batch_size, top_k=top_k,
-        num_examples=num_examples, depth=depth,
-        progress_dir=(workdir / PROGRESS_DIR / f"{split}-{size}px"
-                      / f"process_{jax.process_index()}"),
+        num_examples=num_examples, preprocess=preprocess, depth=depth,
+        progress_dir=progress_dir / f"process_{jax.process_index()}",
         save_every=save_every, progress=progress)
   results = _json_safe(results)
   path = workdir / RESULTS_FILE
@@ -258,14 +277,28 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *, dataset: str,
       json.dump(results, f, indent=1)
   if jax.process_count() > 1:  # Keep the progress until the file exists.
     multihost_utils.sync_global_devices("eval_results.json written")
-  for size in sizes:
-    shutil.rmtree(workdir / PROGRESS_DIR / f"{split}-{size}px"
-                  / f"process_{jax.process_index()}")
+  for progress_dir in progress_dirs:
+    shutil.rmtree(progress_dir / f"process_{jax.process_index()}")
   with contextlib.suppress(OSError):  # Left to the last process to finish.
-    for size in sizes:
-      os.rmdir(workdir / PROGRESS_DIR / f"{split}-{size}px")
-    os.rmdir(workdir / PROGRESS_DIR)
+    for progress_dir in progress_dirs:
+      os.rmdir(progress_dir)
+    os.rmdir(progress_root)
   return {**results, "path": str(path)}
+
+
+def _progress_root(workdir: epath.Path) -> pathlib.Path:
+  """Where the spilled scores and the progress live: always a local disk.
+
+  The accumulator memory-maps its spilled scores, so they need a local
+  filesystem: ``<workdir>/.eval-progress`` for a local workdir; for a remote
+  one (``gs://``), a directory of the local temp dir named after the
+  workdir, so a killed evaluation resumes when rerun on the same machine
+  (on a fresh machine it starts over; the results still go to `workdir`).
+  """
+  if not fileio.is_remote(workdir):
+    return pathlib.Path(workdir) / PROGRESS_DIR
+  digest = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+  return pathlib.Path(tempfile.gettempdir()) / f"mlimages{PROGRESS_DIR}-{digest}"
 
 
 def summary(results: Mapping[str, Any]) -> dict[str, Any]:

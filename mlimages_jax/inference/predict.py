@@ -29,12 +29,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from etils import epath
 from tqdm import tqdm
 
 from mlimages_jax.checkpoints import store
@@ -79,7 +79,7 @@ class LoadedModel:
     # local devices, as in a data-parallel training step.
     self._variables = flax.jax_utils.replicate(
         jax.tree.map(np.asarray, dict(variables)))
-    self._forward = jax.pmap(self._apply)
+    self._forward = _pmapped_forward(self.model)
 
   @classmethod
   def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
@@ -92,7 +92,7 @@ class LoadedModel:
       raise store.CheckpointError(
           f"{checkpoint}: cannot read the checkpoint ({type(e).__name__}: "
           f"{e})") from e
-    return cls(variables, metadata, source=os.path.abspath(checkpoint))
+    return cls(variables, metadata, source=str(fileio.as_path(checkpoint)))
 
   @property
   def num_classes(self) -> int:
@@ -113,11 +113,6 @@ class LoadedModel:
   @property
   def class_names(self) -> list[str]:
     return self.metadata["classes"]["names"]
-
-  def _apply(self, variables: Any, images: jnp.ndarray
-             ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    return self.model.apply(variables, preprocessing.normalize(images),
-                            train=False)
 
   def forward_sharded(self, images: np.ndarray
                       ) -> tuple[jax.Array, jax.Array]:
@@ -148,6 +143,14 @@ class LoadedModel:
       shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
       return shifted / shifted.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-logits))
+
+
+@functools.lru_cache(maxsize=4)
+def _pmapped_forward(model: resnet.ResNet) -> Callable:
+  """One compiled forward pass per network: a training run that evaluates
+  every N steps builds a `LoadedModel` each time and compiles only once."""
+  return jax.pmap(lambda variables, images: model.apply(
+      variables, preprocessing.normalize(images), train=False))
 
 
 def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
@@ -404,7 +407,7 @@ def extract_features(model: LoadedModel, paths: Sequence[str], *,
 
 
 # ---------------------------------------------------------------------------
-# Writing results (atomically: temp file + rename).
+# Writing results (atomically, local or remote: see fileio).
 
 PREDICTIONS_HEADER = "image\trank\tindex\tid\tname\tprobability"
 
@@ -467,13 +470,13 @@ def write_feature_lines(path: str | os.PathLike[str], features: np.ndarray,
       f.write(f"{image}\t{label}\t{' '.join(str(x) for x in row)}\n")
 
 
-def features_list_path(path: str | os.PathLike[str]) -> pathlib.Path:
+def features_list_path(path: str | os.PathLike[str]) -> epath.Path:
   """Where the list of images of a features file goes: FILE.npy -> FILE.txt."""
-  return pathlib.Path(path).with_suffix(".txt")
+  return fileio.as_path(path).with_suffix(".txt")
 
 
 def write_features(path: str | os.PathLike[str], features: np.ndarray,
-                   image_paths: Sequence[str]) -> pathlib.Path:
+                   image_paths: Sequence[str]) -> epath.Path:
   """Writes FILE.npy and, row by row, the images' paths to FILE.txt."""
   if len(features) != len(image_paths):
     raise ValueError(f"{len(features)} feature rows for {len(image_paths)} "
@@ -502,7 +505,8 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   Each chunk of `chunk_size` images is saved when it is done in
   ``<out>.partial/``; rerunning the same command (same images, checkpoint and
   crop) after a kill skips the chunks already done, so no work is lost or
-  repeated. The directory is removed once `out` has been written.
+  repeated. The directory is removed once `out` has been written. `out` may
+  be local or remote (``gs://...``).
   """
   if output_format not in FEATURE_FORMATS:
     raise ValueError(f"output_format must be one of {FEATURE_FORMATS}, not "
@@ -510,7 +514,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   labels = [""] * len(paths) if labels is None else list(labels)
   if len(labels) != len(paths):
     raise ValueError(f"{len(labels)} labels for {len(paths)} images")
-  out = pathlib.Path(out)
+  out = fileio.as_path(out)
   work = out.with_name(out.name + ".partial")
   fingerprint = {
       "preprocess": "original",
@@ -539,7 +543,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
         np.savez(f, features=features,
                  failed=np.array([start + x.index for x in failures], np.int64),
                  reasons=np.array([x.reason for x in failures], str))
-    with np.load(part) as saved:
+    with part.open("rb") as f, np.load(f) as saved:
       chunks.append(saved["features"])
       failed.extend(saved["failed"].tolist())
       reasons.extend(saved["reasons"].tolist())
@@ -552,5 +556,5 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
                         [x for i, x in enumerate(labels) if i not in skipped])
   elif kept:
     write_features(out, features, kept)
-  shutil.rmtree(work)
+  work.rmtree()
   return features, kept, failures

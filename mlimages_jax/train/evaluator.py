@@ -1,61 +1,64 @@
-"""Validation during training: metrics of the current train state."""
+"""Validation during training: the evaluation tool's path on the train state.
+
+The loop evaluates exactly as ``mlimages evaluate`` does
+(`evaluation.evaluator.evaluate_model`: the streaming, bounded-memory,
+multi-host evaluator, on the whole split unless `num_eval_examples` > 0), so
+an in-loop number and the tool's number on that step's checkpoint agree.
+Like the tool, it runs the network in float32 whatever `config.dtype` trains
+in. Each evaluation writes ``<workdir>/eval/<step>/eval_results.json``
+(per-class results included); the loop logs the headline numbers.
+"""
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
+from etils import epath
 
-from mlimages_jax.evaluation import metrics as metrics_lib
-from mlimages_jax.inputs import pipeline
-from mlimages_jax.train import inputs
+from mlimages_jax.evaluation import evaluator
+from mlimages_jax.inference import predict
+from mlimages_jax.train import distributed
 from mlimages_jax.train.state import TrainState
+
+EVAL_DIR = "eval"
 
 
 class Evaluator:
-  """Validation metrics over the eval split (or its first `num_eval_examples`).
+  """Evaluates the train state of one run; every process calls `run`."""
 
-  Multi-label: ``{"mAP"}``; single-label: ``{"top1", "top5"}`` (top-k
-  accuracy, ties resolved in the model's favour as in `metrics.top_k_correct`).
-  The eval iterator yields the same number of (padded, masked) batches on
-  every process, which keeps the SPMD program in lockstep; the scores of all
-  processes are then gathered and ranked on the host.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, p_eval_step: Callable):
+  def __init__(self, config: ml_collections.ConfigDict,
+               metadata: Mapping[str, Any], workdir: epath.Path):
     self.config = config
-    self.p_eval_step = p_eval_step
+    self.metadata = metadata
+    self.workdir = workdir
 
-  def run(self, state: TrainState, image_size: int) -> dict[str, float]:
-    """`state` is replicated on the local devices; every process calls this."""
+  def run(self, state: TrainState, image_size: int,
+          step: int) -> dict[str, float]:
+    """Evaluates the replicated `state` of `step` at `image_size`.
+
+    Returns ``{"mAP"}`` for multi-label runs, ``{"top1", "top5"}`` for
+    single-label ones (what the run log records).
+    """
     config = self.config
-    iterator = inputs.create_eval_iterator(config, image_size)
-    num_batches = iterator.num_batches
-    if config.num_eval_examples > 0:
-      num_batches = min(num_batches, math.ceil(config.num_eval_examples
-                                               / config.eval_batch_size))
-    batches = pipeline.prefetch_to_device(iterator, 2)
-    scores, labels, masks = [], [], []
-    for batch in itertools.islice(batches, num_batches):
-      scores.append(self.p_eval_step(state, batch))
-      labels.append(batch["labels"])
-      masks.append(batch["mask"])
-    scores, labels, masks = (
-        np.concatenate([np.asarray(x).reshape(-1, *x.shape[2:]) for x in xs])
-        for xs in (scores, labels, masks))
-    if jax.process_count() > 1:
-      scores, labels, masks = multihost_utils.process_allgather(
-          (scores, labels, masks), tiled=True)
+    variables = distributed.unreplicate(
+        {"params": state.params, "batch_stats": state.batch_stats})
+    model = predict.LoadedModel(
+        variables, dict(self.metadata, step=step),
+        source=f"{self.workdir} (train state at step {step})")
+    results = evaluator.evaluate_model(
+        model, dataset=config.dataset, data_dir=config.data_dir or None,
+        split=config.eval_split, image_size=image_size,
+        batch_size=config.eval_batch_size,
+        workdir=self.workdir / EVAL_DIR / str(step),
+        num_examples=max(config.num_eval_examples, 0),
+        preprocess=dict(config.preprocess) or None,
+        progress=jax.process_index() == 0)
+    result = results["results"][str(image_size)]
     if config.label_mode == "single":
-      accumulator = metrics_lib.SingleLabelAccumulator(top_k=(1, 5))
-      accumulator.update(scores, labels, masks)
-      result = accumulator.result()
       return {"top1": result["top1"], "top5": result["top5"]}
-    keep = masks > 0
-    return {"mAP": metrics_lib.mean_average_precision(scores[keep],
-                                                      labels[keep])}
+    # null in the results file when no class has a positive.
+    return {"mAP": math.nan if result["map"] is None else result["map"]}

@@ -1,4 +1,5 @@
-"""The run's input streams, from its config: training and evaluation."""
+"""The run's training input stream, from its config (evaluation reads its
+split through evaluation/evaluator.py, as ``mlimages evaluate`` does)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,3 @@ def create_train_iterator(config: ml_collections.ConfigDict,
   return _iterator(config, split=config.train_split, mode=train_mode(config),
                    global_batch_size=config.batch_size,
                    image_size=image_size_at(config, step))
-
-
-def create_eval_iterator(config: ml_collections.ConfigDict,
-                         image_size: int) -> pipeline.InputIterator:
-  """This process's shard of the evaluation split, padded to the same number
-  of batches on every process."""
-  return _iterator(config, split=config.eval_split, mode="eval",
-                   global_batch_size=config.eval_batch_size,
-                   image_size=image_size)

@@ -14,15 +14,14 @@ step is queued, a checkpoint is handed to Orbax after the next step is
 queued (its copy is taken first: the step donates the state's memory), and
 the learning rate is logged from the step's own metrics. The cross-process
 collectives are the ``pmean`` calls inside the compiled step (steps.py) and,
-on the host, the sum of decode failures at each report and the gather of
-the evaluation scores (evaluator.py).
+on the host, the sum of decode failures at each report and those of the
+evaluation (evaluation/evaluator.py, the same path as ``mlimages evaluate``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import distributed
@@ -55,7 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns the final, unreplicated train state.
   """
   validate_config(config)
-  workdir = pathlib.Path(workdir)
+  workdir = fileio.as_path(workdir)  # Local or remote (gs://...).
   is_chief = jax.process_index() == 0
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   p_train_step = steps.pmap_train_step(
       model, tx, config, optimizer.batch_norm_modules(state.batch_stats),
       learning_rate_fn)
-  evaluator = Evaluator(config, steps.pmap_eval_step(model, config))
+  evaluator = Evaluator(config, metadata, workdir)
   state = distributed.replicate(state)
   log.mark(start_step)
   try:
@@ -202,7 +202,7 @@ def _evaluate(evaluator: Evaluator, state: TrainState, log: run_log.RunLog,
               step: int) -> None:
   t0 = time.perf_counter()
   image_size = schedule.image_size_at(evaluator.config, max(step, 1))
-  results = evaluator.run(state, image_size)
+  results = evaluator.run(state, image_size, step)
   log.evaluation(step, image_size, results, time.perf_counter() - t0)
   log.mark(step)  # The training rate excludes evaluation.
 

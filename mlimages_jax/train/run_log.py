@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 from mlimages_jax import fileio
 
@@ -27,10 +27,11 @@ CONFIG_FILE = "config.json"
 
 
 class MetricsLog:
-  """``W/metrics.jsonl``: one JSON object per line, appended and flushed."""
+  """``W/metrics.jsonl``: one JSON object per line, appended and flushed
+  (local or remote, see `fileio.append_text`)."""
 
   def __init__(self, path: str | os.PathLike, enabled: bool):
-    self.path = pathlib.Path(path)
+    self.path = fileio.as_path(path)
     self.enabled = enabled
 
   def truncate_after(self, step: int) -> None:
@@ -44,14 +45,13 @@ class MetricsLog:
 
   def write(self, record: Mapping[str, Any]) -> None:
     if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      fileio.append_text(self.path, json.dumps(record) + "\n")
 
 
 class RunLog:
   """The run's reports: one object the loop calls at its reporting points."""
 
-  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict,
+  def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict,
                total_steps: int, is_chief: bool):
     self.config = config
     self.total_steps = total_steps
@@ -104,10 +104,11 @@ class RunLog:
     logging.info("step %d: %s at %d px: %s (%.1f s)", step, split, image_size,
                  "  ".join(f"{k} {v:.4f}" for k, v in results.items()),
                  seconds)
-    self.writer.write_scalars(step, {f"{split}_{k}": v
-                                     for k, v in results.items()})
+    self.writer.write_scalars(step, {f"{split}_{k}": v for k, v in
+                                     dict(results, seconds=seconds).items()})
     self.metrics.write({"step": step, "split": split,
-                        "image_size": image_size, **results})
+                        "image_size": image_size, **results,
+                        "seconds": round(seconds, 3)})
 
   def flush(self) -> None:
     self.writer.flush()

@@ -1,6 +1,7 @@
-"""The compiled per-device steps: one SGD step and one evaluation forward.
+"""The compiled per-device training step (evaluation runs the evaluation
+tool's forward pass, train/evaluator.py).
 
-Both run under ``jax.pmap`` over `AXIS_NAME`; the collectives that make them
+It runs under ``jax.pmap`` over `AXIS_NAME`; the collectives that make it
 data-parallel are the ``pmean`` calls in `train_step` (gradients, BN moving
 statistics, logged losses) and the adaptive loss's class positivity count
 (in `losses.adaptive_sigmoid_loss`).
@@ -122,20 +123,6 @@ def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
-              model: resnet.ResNet, config: ml_collections.ConfigDict
-              ) -> jnp.ndarray:
-  """Class scores for ranking: logits for the multi-label losses (a sigmoid
-  would saturate confident scores into float32 ties that change the AP),
-  softmax probabilities for single-label models."""
-  logits, _ = model.apply(
-      {"params": state.params, "batch_stats": state.batch_stats},
-      model_inputs(batch), train=False)
-  if config.label_mode == "single":
-    return jax.nn.softmax(logits)
-  return logits
-
-
 def pmap_train_step(model: resnet.ResNet, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
                     bn_modules: frozenset[tuple[str, ...]],
@@ -146,12 +133,6 @@ def pmap_train_step(model: resnet.ResNet, tx: optax.GradientTransformation,
                         bn_modules=bn_modules,
                         learning_rate_fn=learning_rate_fn),
       axis_name=AXIS_NAME, donate_argnums=(0,))
-
-
-def pmap_eval_step(model: resnet.ResNet,
-                   config: ml_collections.ConfigDict) -> Callable:
-  return jax.pmap(functools.partial(eval_step, model=model, config=config),
-                  axis_name=AXIS_NAME)
 
 
 def check_finite(history: list[tuple[int, dict[str, np.ndarray]]],
