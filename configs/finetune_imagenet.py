@@ -75,8 +75,8 @@ object, see mlimages_jax/data/synthetic.py), and the same run from scratch::
 
 Expected result (measured on 2 shared CPU cores, 150 steps of 64 at 64 px,
 the final ``validation`` line of metrics.jsonl, 500 images): validation top-1
-0.856 fine-tuned from the pre-training demo (§7 adaptive loss, mAP 0.699) vs
-0.512 from scratch (top-5 is 1.0 for both: 6 classes); 80 s CPU per arm with
+0.804 fine-tuned from the pre-training demo (§7 adaptive loss, mAP 0.703) vs
+0.512 from scratch (top-5 is 1.0 for both: 6 classes); 75 s CPU per arm with
 the dataset already built (5 minutes wall with both arms and other jobs
 running at once, load average 10).
 
