@@ -70,3 +70,15 @@ def test_base_config_needs_only_a_dataset():
     config_validation.validate_config(config)
   config.dataset = "ml_images/synthetic"
   config_validation.validate_config(config)
+
+
+def test_enumerated_fields_are_checked():
+  config = finetune_imagenet.get_config("smoke")
+  config.frozen_blocks_batch_stats = "frozen"
+  config.schedule.rate_at_boundary = "after"
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("config.frozen_blocks_batch_stats 'frozen' is not one of "
+          "('update', 'keep')") in str(e.value)
+  assert ("config.schedule.rate_at_boundary 'after' is not one of "
+          "('previous', 'decayed')") in str(e.value)

@@ -200,10 +200,16 @@ def test_shape_mismatch_in_a_converted_checkpoint_is_listed(tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_stages_stay_bit_identical_while_the_rest_moves():
+@pytest.mark.parametrize("frozen_batch_stats", ["update", "keep"])
+def test_frozen_stages_stay_bit_identical_while_the_rest_moves(
+    frozen_batch_stats):
+  """Frozen parameters never move. The frozen BN layers' moving statistics
+  follow the batches like every other BN layer's ("update", the original's
+  FixBlock2, the recipe's default) or stay as loaded ("keep")."""
   assert jax.local_device_count() == 8
   config = finetune_imagenet.get_config("smoke")
-  config.freeze_blocks = 2
+  assert config.freeze_blocks == 2  # finetune.sh's --FixBlock2=True.
+  config.frozen_blocks_batch_stats = frozen_batch_stats
   model = state_lib.create_model(config, SINGLE_CLASSES)
   tx = optimizer_lib.create_optimizer(
       config, schedule_lib.create_learning_rate_fn(config))
@@ -229,11 +235,18 @@ def test_frozen_stages_stay_bit_identical_while_the_rest_moves():
         getattr(after, collection))
     moved = {path[0] for path in old
              if not np.array_equal(old[path], new[path])}
+    frozen_moves = (collection == "batch_stats"
+                    and frozen_batch_stats == "update")
     for path in old:
-      if path[0] in frozen_tops:
+      if path[0] in frozen_tops and not frozen_moves:
         assert new[path].tobytes() == old[path].tobytes(), path
-    # Every trainable module changed (params; BN statistics where present).
-    assert moved == {p[0] for p in old} - frozen_tops, collection
+    # Every trainable module changed (params; BN statistics where present),
+    # and the frozen BN layers' statistics too under "update" (the stem has
+    # none: its conv is followed by the first block's pre-activation BN).
+    expect = {p[0] for p in old} - (set() if frozen_moves else frozen_tops)
+    assert moved == expect, collection
+    if frozen_moves:
+      assert {p[0] for p in old} & frozen_tops == frozen_tops - {"init_conv"}
 
 
 def _main(workdir: pathlib.Path, data_dir: pathlib.Path, init: pathlib.Path,

@@ -82,6 +82,8 @@ def worker(out: pathlib.Path,
   config = pretrain.get_config("smoke")  # Its schedule, batch-scaled.
   config.batch_size = GLOBAL_DEVICES * PER_DEVICE
   config.loss.neg_select = 0.5  # Exercise the (shared) negative sampling.
+  # The decay from step 2 on, so that the 3 steps span warm-up and decay.
+  config.schedule.rate_at_boundary = "decayed"
   assert config.loss.mask_thres == MASK_THRES
   config_validation.validate_config(config)
   model = state_lib.create_model(config, NUM_CLASSES)

@@ -1,8 +1,10 @@
 """Image preprocessing of ML-Images (ML_IMAGES.md §7–9): host (tf) and device.
 
-Training augmentation reproduces the original recipe: a random crop (70–100% of
-the area for pre-training, 5–100% for fine-tuning; aspect 3/4–4/3; up to 100
-attempts, whole image on failure) decoded with `decode_and_crop_jpeg` so only
+Training augmentation reproduces the original recipe: a random crop with the
+original's `sample_distorted_bounding_box` parameters (`random_crop_window`:
+70–100% of the area with min_object_covered 0.7 for pre-training, 5–100% with
+min_object_covered 0 for fine-tuning; aspect 0.75–1.33; up to 100 attempts,
+whole image on failure) decoded with `decode_and_crop_jpeg` so only
 the crop is decoded, a resize, a random horizontal flip, a random rotation of up
 to ±45° and a colour distortion (brightness, saturation, hue, contrast, in one
 of two orders), then clip and scale to [-1, 1]. Every random choice is a
@@ -61,9 +63,11 @@ class PreprocessConfig:
   one draw couples them. `colour_on_device` moves the colour distortion to the
   accelerator (`device_augment`); the pipeline then ships its parameters.
   """
+  # The original's crop (image_preprocessing.py, train.py): the whole image
+  # is the one box, so min_object_covered is the smallest crop area too.
   area_range: tuple[float, float] = (0.7, 1.0)
-  aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
-  min_object_covered: float = 0.1
+  aspect_ratio_range: tuple[float, float] = (0.75, 1.33)
+  min_object_covered: float = 0.7
   max_attempts: int = 100
   flip: bool = True
   rotation_fraction: float = 1 / 3
@@ -102,8 +106,9 @@ class PreprocessConfig:
     values: dict[str, Any] = {}
     if mode != "eval":
       values["dct_method"] = "INTEGER_FAST"
-    if mode == "finetune":
+    if mode == "finetune":  # The original's finetune.py.
       values["area_range"] = (0.05, 1.0)
+      values["min_object_covered"] = 0.0
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in dict(overrides or {}).items():
       if key not in fields:
@@ -342,6 +347,23 @@ def _rotate_and_colour(config: PreprocessConfig, rotate: bool,
   return augment
 
 
+def random_crop_window(shape: tf.Tensor, *, seed: tf.Tensor,
+                       config: PreprocessConfig) -> tf.Tensor:
+  """The training crop of an image of `shape` (H, W, C): [y, x, h, w].
+
+  TF's sampler with the whole image as the one box, as the original (its
+  empty box list with use_image_if_no_bounding_boxes); only the random
+  stream differs: stateless, from `seed`, for exact resumption.
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed, min_object_covered=config.min_object_covered,
+      aspect_ratio_range=config.aspect_ratio_range,
+      area_range=config.area_range, max_attempts=config.max_attempts,
+      use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
 def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int,
                 config: PreprocessConfig) -> tf.Tensor:
   """Encoded image -> augmented uint8 [image_size, image_size, 3].
@@ -351,17 +373,10 @@ def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int,
   `colour_parameters(seed)` with the image and apply `device_augment`.
   """
   crop_seed, u = _draws(seed)
-
-  def crop_window(shape):
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed, min_object_covered=config.min_object_covered,
-        aspect_ratio_range=config.aspect_ratio_range,
-        area_range=config.area_range, max_attempts=config.max_attempts,
-        use_image_if_no_bounding_boxes=True)
-    return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-  image = _decode_window(image_bytes, crop_window, config.dct_method)
+  image = _decode_window(
+      image_bytes,
+      functools.partial(random_crop_window, seed=crop_seed, config=config),
+      config.dct_method)
   image = _resize(image, (image_size, image_size), config.antialias)
   image.set_shape([image_size, image_size, 3])
   flip = tf.logical_and(config.flip, u[0] < 0.5)

@@ -49,10 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       momentum=0.9, weight_decay=1e-4, weight_decay_bn=0.0))
   # Written for `reference_batch_size` images per step; see schedule.py.
+  # rate_at_boundary: "previous" (a boundary step keeps the old rate, TF's
+  # piecewise_constant) or "decayed" (TF's staircase exponential_decay).
   c.schedule = ml_collections.ConfigDict(dict(
       reference_batch_size=256, base_lr=0.1, warmup_factor=1.0,
       warmup_interval=1, warmup_steps=0, peak_lr=0.1,
-      decay_boundaries=(), decay_factor=0.1))
+      decay_boundaries=(), decay_factor=0.1, rate_at_boundary="previous"))
   c.batch_size = 256  # Global: split over all devices of all processes.
   c.num_train_steps = 1  # At the reference batch; scaled like the schedule.
   c.seed = 0
@@ -60,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Fine-tuning options (finetune.py); off by default.
   c.init_checkpoint = ""  # Restore all but the head from this checkpoint.
   c.freeze_blocks = 0  # Freeze the stem and this many stages.
+  # The frozen blocks' BN moving averages: "update" (they keep following the
+  # batches, as the original's FixBlock2, whose BN layers stay in training
+  # mode with UPDATE_OPS run) or "keep" (left as loaded: the frozen blocks
+  # stay bit-identical to the checkpoint). Both normalise with batch stats.
+  c.frozen_blocks_batch_stats = "update"
   # From `from_step` on (a schedule step), train at `image_size` (0 = off).
   c.progressive_resizing = ml_collections.ConfigDict(
       dict(image_size=0, from_step=0))

@@ -18,6 +18,8 @@ from mlimages_jax.models import resnet
 from mlimages_jax.train.config import LOSSES
 from mlimages_jax.train.config import base_config
 from mlimages_jax.train.config import train_mode
+from mlimages_jax.train.finetune import FROZEN_BLOCKS_BATCH_STATS
+from mlimages_jax.train.schedule import RATES_AT_BOUNDARY
 from mlimages_jax.train.state import DTYPES
 
 
@@ -102,10 +104,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       and schedule.decay_boundaries[0] < schedule.warmup_steps):
     problems.append("config.schedule.decay_boundaries must be ascending and "
                     ">= warmup_steps")
+  if schedule.rate_at_boundary not in RATES_AT_BOUNDARY:
+    problems.append(f"config.schedule.rate_at_boundary "
+                    f"{schedule.rate_at_boundary!r} is not one of "
+                    f"{RATES_AT_BOUNDARY}")
   num_stages = len(resnet.STAGE_SIZES.get(config.model.depth, ()))
   if not 0 <= config.freeze_blocks <= num_stages:
     problems.append(f"config.freeze_blocks must be in 0..{num_stages} (the "
                     f"stem plus that many stages), got {config.freeze_blocks}")
+  if config.frozen_blocks_batch_stats not in FROZEN_BLOCKS_BATCH_STATS:
+    problems.append(f"config.frozen_blocks_batch_stats "
+                    f"{config.frozen_blocks_batch_stats!r} is not one of "
+                    f"{FROZEN_BLOCKS_BATCH_STATS}")
   resize = config.progressive_resizing
   if resize.image_size < 0 or resize.from_step < 0:
     problems.append("config.progressive_resizing.image_size and from_step "

@@ -1,10 +1,14 @@
 """Fine-tuning (ML_IMAGES.md §8): a pre-trained backbone and frozen blocks.
 
 ``init_checkpoint`` restores every variable but the head (`HEAD`) from a
-pre-training run or a converted checkpoint; ``freeze_blocks=k`` keeps the
-stem and the first k stages bit-identical (no gradient step, no weight decay,
-BN moving statistics discarded: "FixBlock2" is k=2). The optimizer and the
-train step ask `is_frozen` which variables those are.
+pre-training run or a converted checkpoint; ``freeze_blocks=k`` freezes the
+stem and the first k stages ("FixBlock2" is k=2): their parameters take no
+gradient step and no weight decay. Their BN layers normalise with batch
+statistics like the others, and ``frozen_blocks_batch_stats`` says what
+happens to their moving averages: "update" (the original's FixBlock2, whose
+frozen BN layers stay in training mode with their UPDATE_OPS run) or "keep"
+(discarded: the frozen blocks stay bit-identical to the checkpoint). The
+optimizer and the train step ask `is_frozen` which variables those are.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from mlimages_jax.train.state import TrainState
 
 HEAD = "logits"  # The module that fine-tuning re-initialises.
 STEM = "init_conv"
+# Values of config.frozen_blocks_batch_stats (see the module docstring).
+FROZEN_BLOCKS_BATCH_STATS = ("update", "keep")
 
 
 def is_frozen(path: tuple[str, ...], freeze_blocks: int) -> bool:

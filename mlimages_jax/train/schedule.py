@@ -10,8 +10,17 @@ so the run sees the same number of epochs with the same per-epoch LR profile.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+# `schedule.rate_at_boundary`: the rate of the step equal to a decay boundary.
+# "previous" is TF's tf.train.piecewise_constant (x <= boundary keeps the old
+# value), the original's pre-training (train.py); "decayed" is TF's
+# tf.train.exponential_decay(staircase=True) (floor(step / interval)), the
+# original's fine-tuning (finetune.py).
+RATES_AT_BOUNDARY = ("previous", "decayed")
 
 
 def schedule_scale(config: ml_collections.ConfigDict) -> float:
@@ -28,30 +37,61 @@ def num_train_steps(config: ml_collections.ConfigDict) -> int:
   return scaled_steps(config.num_train_steps, config)
 
 
+def _tf_staircase_rate(initial: float, factor: float,
+                       exponent: int) -> np.float32:
+  """``initial * factor ** exponent`` in float32 as TF's exponential_decay
+  computes it: the power rounded to float32, then the product rounded."""
+  power = np.float32(np.float64(np.float32(factor)) ** exponent)
+  return np.float32(initial) * power
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict
                             ) -> optax.Schedule:
-  """§7: staircase exponential warm-up, then step decay (batch-scaled).
+  """§7/§8: staircase exponential warm-up, then step decay (batch-scaled).
 
   At the reference batch: ``base_lr * warmup_factor ** (step // interval)``
-  until ``warmup_steps``, then ``peak_lr * decay_factor ** k`` after the k-th
-  decay boundary. (The original: 0.01 x1.297 every 4,400 steps to 35,200, then
-  0.08, x0.1 at 110k/220k/330k/440k.)
+  while ``step < warmup_steps``, then ``peak_lr * decay_factor ** k`` with k
+  the decay boundaries passed, a boundary step itself counting as passed or
+  not by ``rate_at_boundary`` (`RATES_AT_BOUNDARY`). `step` is the number of
+  updates already applied (optax's count; TF's global_step, which
+  apply_gradients increments after the update): the first update is step 0.
+  The rates are TF's float32 values, so the original's schedules are
+  reproduced exactly: pre-training 0.01 x1.297 every 4,400 steps to 35,200,
+  then 0.08, x0.1 after 110k/220k/330k/440k ("previous"); fine-tuning 0.1
+  x0.1 from 150k/300k/450k on ("decayed").
   """
   s = config.schedule
+  if s.rate_at_boundary not in RATES_AT_BOUNDARY:
+    raise ValueError(f"schedule.rate_at_boundary {s.rate_at_boundary!r} is "
+                     f"not one of {RATES_AT_BOUNDARY}")
   scale = schedule_scale(config)
+  boundaries = np.array([scaled_steps(b, config) for b in s.decay_boundaries],
+                        np.int32)
+  peak = s.peak_lr * scale
+  if s.rate_at_boundary == "previous":  # Python floats, as TF's `values`.
+    rates = np.float32([peak * s.decay_factor ** k
+                        for k in range(len(boundaries) + 1)])
+  else:
+    rates = np.float32([_tf_staircase_rate(peak, s.decay_factor, k)
+                        for k in range(len(boundaries) + 1)])
   warmup_steps = scaled_steps(s.warmup_steps, config)
-  after_warmup = optax.piecewise_constant_schedule(
-      s.peak_lr * scale,
-      {scaled_steps(b, config) - warmup_steps: s.decay_factor
-       for b in s.decay_boundaries})
-  if not warmup_steps:
-    return after_warmup
-  warmup = optax.exponential_decay(s.base_lr * scale,
-                                   transition_steps=scaled_steps(
-                                       s.warmup_interval, config),
-                                   decay_rate=s.warmup_factor,
-                                   staircase=True)
-  return optax.join_schedules([warmup, after_warmup], [warmup_steps])
+  interval = scaled_steps(s.warmup_interval, config)
+  warmup_rates = np.float32([
+      _tf_staircase_rate(s.base_lr * scale, s.warmup_factor, j)
+      for j in range(-(-warmup_steps // interval))])
+
+  def learning_rate(step):
+    step = jnp.asarray(step, jnp.int32)
+    passed = (step > boundaries if s.rate_at_boundary == "previous"
+              else step >= boundaries)
+    rate = jnp.asarray(rates)[jnp.sum(passed)]
+    if warmup_steps:
+      warmup = jnp.asarray(warmup_rates)[
+          jnp.minimum(step // interval, len(warmup_rates) - 1)]
+      rate = jnp.where(step < warmup_steps, warmup, rate)
+    return rate
+
+  return learning_rate
 
 
 def image_size_at(config: ml_collections.ConfigDict, step: int) -> int:

@@ -91,7 +91,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
       loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   batch_stats = jax.lax.pmean(batch_stats, AXIS_NAME)
-  if config.freeze_blocks:
+  if config.freeze_blocks and config.frozen_blocks_batch_stats == "keep":
     # Frozen BN layers normalise with batch statistics like the rest but
     # keep their moving averages: the updates are discarded.
     batch_stats = flax.traverse_util.path_aware_map(
