@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "mlimages_jax.cli.acquire",
     "mlimages_jax.cli.inference",
     "mlimages_jax.cli.convert",
+    "mlimages_jax.cli.export",
 )
 
 

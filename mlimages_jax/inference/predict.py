@@ -63,7 +63,7 @@ class LoadedModel:
     self.model = resnet.create_model(
         int(spec["depth"]), int(spec["num_classes"]),
         width_multiplier=float(spec["width_multiplier"]))
-    _check_variables(self.model, variables, source)
+    check_variables(self.model, variables, source)
     self.devices = jax.local_devices()
     # pmap over the default devices: on several hosts every process feeds its
     # local devices, as in a data-parallel training step.
@@ -140,7 +140,7 @@ class LoadedModel:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
+def check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
                      source: str) -> None:
   """Raises CheckpointError listing every missing/unexpected/misshaped array."""
   expected = jax.eval_shape(
