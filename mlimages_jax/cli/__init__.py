@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "mlimages_jax.cli.inference",
     "mlimages_jax.cli.convert",
     "mlimages_jax.cli.export",
+    "mlimages_jax.cli.fewshot",
 )
 
 
