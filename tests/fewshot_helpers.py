@@ -56,3 +56,35 @@ class SynthShapes(tfds.core.GeneratorBasedBuilder):
 def build(data_dir: str | pathlib.Path) -> str:
   SynthShapes(data_dir=data_dir).download_and_prepare()
   return str(data_dir)
+
+
+# ---------------------------------------------------------------------------
+# Multi-host worker: python fewshot_helpers.py CKPT DATA_DIR OUT ID COUNT PORT
+
+MULTIHOST = dict(shots=(1, 5), seeds=(0, 1, 2), batch_size=8,
+                 pool_per_class=5, num_test_examples=-1)
+
+
+def fewshot_worker(checkpoint: str, data_dir: str, out: str, process_id: int,
+                   num_processes: int, port: int) -> None:
+  """One process of a multi-host few-shot evaluation; writes its results."""
+  import json
+
+  from mlimages_jax.evaluation import fewshot
+  from mlimages_jax.inference import predict
+  from mlimages_jax.train import distributed
+
+  distributed.initialize_distributed(f"127.0.0.1:{port}", num_processes,
+                                     process_id)
+  evaluator = fewshot.FewshotEvaluator(
+      [fewshot.Task("synth_shapes", "train", "test")], data_dir=data_dir,
+      **MULTIHOST)
+  result = fewshot.evaluate_checkpoint(predict.LoadedModel.load(checkpoint),
+                                       evaluator)
+  pathlib.Path(out).write_text(json.dumps(result["accuracy"]))
+
+
+if __name__ == "__main__":
+  import sys
+  fewshot_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                 int(sys.argv[5]), int(sys.argv[6]))

@@ -11,6 +11,10 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +230,39 @@ def test_cli_names_the_missing_dataset(tmp_path, capsys):
   assert cli_main(["fewshot", "--checkpoint", str(checkpoint), "--dataset",
                    "cifar100", "--data-dir", str(tmp_path / "none")]) == 1
   assert "tfds build cifar100" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # Two JAX processes start and compile.
+def test_two_processes_give_the_one_process_accuracies(data_dir, tmp_path):
+  """2 processes x 2 CPU devices (gloo): each reads its shard, they stop
+  filling the pool together and gather; same accuracies as one process."""
+  checkpoint = store.save_inference_checkpoint(
+      tmp_path / "ckpt", backbones_random(), _metadata(step=0))
+  want = fewshot.evaluate_checkpoint(
+      predict.LoadedModel.load(checkpoint), fewshot.FewshotEvaluator(
+          [fewshot.Task("synth_shapes", "train", "test")], data_dir=data_dir,
+          **helpers.MULTIHOST))["accuracy"]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workers = [subprocess.Popen(
+      [sys.executable, helpers.__file__, str(checkpoint), data_dir,
+       str(tmp_path / f"out{i}.json"), str(i), "2", str(port)], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  for worker in workers:
+    output, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0, output[-3000:]
+  for i in range(2):
+    assert json.loads((tmp_path / f"out{i}.json").read_text()) == want
+
+
+@functools.cache
+def backbones_random() -> dict:
+  model = resnet.create_model(14, len(synthetic.SHAPES),
+                              width_multiplier=WIDTH)
+  return jax.tree.map(np.asarray, dict(jax.jit(
+      functools.partial(model.init, train=False))(
+          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
