@@ -31,7 +31,7 @@ NETWORKS = {"tiny": (14, 0.0625, 7, 32), "resnet101": (101, 1.0, 10, 64)}
 # Relative error bound of the issue: max |ours - theirs| / max |ours| per
 # output. float32 convolutions in XLA, oneDNN (torch, TF) sum in different
 # orders: ~1e-7 relative per layer, ~1e-6 after ResNet-101's 100 layers
-# (measured 1e-6 .. 4e-6); a wrong layout, padding or BN term gives > 1e-2.
+# (measured at most 1.1e-6); a wrong layout, padding or BN term gives > 1e-2.
 RTOL = 1e-4
 
 
