@@ -143,7 +143,7 @@ def test_recipes_load_without_jax_or_tensorflow():
 
 @pytest.mark.parametrize("folder", ["data", "acquire", "inputs", "models",
                                     "train", "checkpoints", "evaluation",
-                                    "inference", "cli"])
+                                    "inference", "export", "cli"])
 def test_lower_layers_do_not_import_higher_ones(folder):
   """Data flows one way: the data wing never imports the model wing, and
   nothing below the training loop imports it."""
@@ -158,6 +158,7 @@ def test_lower_layers_do_not_import_higher_ones(folder):
       "checkpoints": ("train", "evaluation", "inference", "cli"),
       "evaluation": ("train", "cli"),
       "inference": ("train", "evaluation", "cli"),
+      "export": ("train", "evaluation", "cli"),
       "train": ("cli",),
       "cli": (),
   }[folder]

@@ -23,6 +23,8 @@ _COMMAND_MODULES = (
     "mlimages_jax.cli.acquire",
     "mlimages_jax.cli.inference",
     "mlimages_jax.cli.convert",
+    "mlimages_jax.cli.export",
+    "mlimages_jax.cli.fewshot",
 )
 
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="mlimages",
       description="Tencent ML-Images tools: hierarchy, labels, acquisition, "
-      "inference and checkpoint conversion.")
+      "inference, checkpoint conversion, few-shot probes and export.")
   parser.add_argument("--version", action="version",
                       version=f"%(prog)s {__version__}")
   subparsers = parser.add_subparsers(dest="command", metavar="<command>")

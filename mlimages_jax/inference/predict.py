@@ -73,7 +73,7 @@ class LoadedModel:
     self.model = resnet.create_model(
         int(spec["depth"]), int(spec["num_classes"]),
         width_multiplier=float(spec["width_multiplier"]))
-    _check_variables(self.model, variables, source)
+    check_variables(self.model, variables, source)
     self.devices = jax.local_devices()
     # pmap over the default devices: on several hosts every process feeds its
     # local devices, as in a data-parallel training step.
@@ -153,7 +153,7 @@ def _pmapped_forward(model: resnet.ResNet) -> Callable:
       variables, preprocessing.normalize(images), train=False))
 
 
-def _check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
+def check_variables(model: resnet.ResNet, variables: Mapping[str, Any],
                      source: str) -> None:
   """Raises CheckpointError listing every missing/unexpected/misshaped array."""
   expected = jax.eval_shape(

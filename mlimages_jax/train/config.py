@@ -81,6 +81,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.prefetch_to_device = 2  # Batches queued on the devices ahead of the step.
+
+  # Few-shot linear probes of the backbone (evaluation/fewshot.py): ridge
+  # regression on k frozen features per class, accuracy on a test split.
+  c.fewshot = ml_collections.ConfigDict(dict(
+      every_steps=0,  # 0 = off; also run at the end (and start, with
+                      # eval_at_start) when on.
+      datasets=(),  # (tfds name, train split, test split), e.g.
+                    # (("cifar100", "train", "test"),).
+      shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=1024.0,
+      image_size=0,  # 0 = the training image size at that step.
+      batch_size=256,  # Global, like eval_batch_size.
+      pool_per_class=50,  # Train examples kept per class; shots drawn here.
+      num_test_examples=10_000,  # -1 = the whole test split.
+      data_dir=""))  # "" = config.data_dir.
   return c
 
 

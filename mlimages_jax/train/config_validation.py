@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+from mlimages_jax.evaluation import fewshot
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 from mlimages_jax.train.config import LOSSES
@@ -125,5 +126,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                             dict(config.preprocess))
   except ValueError as e:
     problems.append(f"config.preprocess: {e}")
+  if config.fewshot.every_steps < 0:
+    problems.append("config.fewshot.every_steps must be >= 0 (0 = off)")
+  elif config.fewshot.every_steps:
+    try:
+      fewshot.from_config(config.fewshot, config.data_dir or None)
+    except ValueError as e:
+      problems.append(f"config.fewshot: {e}")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

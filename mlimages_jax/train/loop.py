@@ -36,6 +36,7 @@ from mlimages_jax.train import distributed
 from mlimages_jax.train import finetune
 from mlimages_jax.train import inputs
 from mlimages_jax.train import optimizer
+from mlimages_jax.train import probes as probes_lib
 from mlimages_jax.train import run_log
 from mlimages_jax.train import schedule
 from mlimages_jax.train import steps
@@ -115,15 +116,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, tx, config, optimizer.batch_norm_modules(state.batch_stats),
       learning_rate_fn)
   evaluator = Evaluator(config, metadata, workdir)
+  probes = probes_lib.Probes(config, model)
   state = distributed.replicate(state)
   log.mark(start_step)
   try:
     if config.eval_at_start and start_step == 0:
       _evaluate(evaluator, state, log, 0)
+      probes.run(state, log, 0)
     state = _train(config, state, p_train_step, train_iter, checkpointer,
-                   evaluator, log, metadata, start_step, total_steps)
+                   evaluator, probes, log, metadata, start_step, total_steps)
     if total_steps > start_step:
       _evaluate(evaluator, state, log, total_steps)
+      probes.run(state, log, total_steps)
   finally:
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -134,7 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def _train(config: ml_collections.ConfigDict, state: TrainState,
            p_train_step: Callable, train_iter: pipeline.InputIterator,
            checkpointer: store.TrainCheckpointer, evaluator: Evaluator,
-           log: run_log.RunLog, metadata: dict[str, Any], start_step: int,
+           probes: probes_lib.Probes, log: run_log.RunLog,
+           metadata: dict[str, Any], start_step: int,
            total_steps: int) -> TrainState:
   """Steps `start_step + 1 .. total_steps`; returns the replicated state.
 
@@ -169,7 +174,8 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
     is_save = step % config.checkpoint_every_steps == 0 or step == total_steps
     is_eval = config.eval_every_steps > 0 and (
         step % config.eval_every_steps == 0)
-    if is_save or is_eval:
+    is_probe = probes.due(step)
+    if is_save or is_eval or is_probe:
       # Both wait for this step anyway (its state), so report it now; a NaN
       # stops the run before its state is saved or evaluated.
       _report(history, batches, log, last_checkpoint)
@@ -182,6 +188,8 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
                  batches.get_state())
     if is_eval and step != total_steps:
       _evaluate(evaluator, state, log, step)
+    if is_probe and step != total_steps:
+      probes.run(state, log, step)
   if to_save:
     checkpointer.save(*to_save)
   return state

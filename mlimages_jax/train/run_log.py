@@ -110,6 +110,17 @@ class RunLog:
                         "image_size": image_size, **results,
                         "seconds": round(seconds, 3)})
 
+  def fewshot(self, step: int, image_size: int, results: Mapping[str, float],
+              seconds: float) -> None:
+    """Few-shot probe accuracies (``fewshot/<dataset>_<k>shot``)."""
+    logging.info("step %d: few-shot at %d px: %s (%.1f s)", step, image_size,
+                 "  ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                 seconds)
+    scalars = {f"fewshot/{k}": v for k, v in results.items()}
+    self.writer.write_scalars(step, scalars)
+    self.metrics.write({"step": step, "fewshot_image_size": image_size,
+                        "fewshot_seconds": round(seconds, 3), **scalars})
+
   def flush(self) -> None:
     self.writer.flush()
 

@@ -1,0 +1,1 @@
+"""Exporting a checkpoint for other frameworks (PyTorch, TF SavedModel)."""

@@ -1,0 +1,107 @@
+"""What every export shares: a checked checkpoint and an atomic directory.
+
+An export is only as trustworthy as the weights it copies: the checkpoint's
+variables are checked against the network its metadata describes (depth,
+width, classes) before anything is written, so a mismatched checkpoint is
+refused with the list of differences. The export directory appears whole
+or not at all (written in a temporary directory next to it, then renamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from mlimages_jax.checkpoints import store
+from mlimages_jax.inference import predict
+from mlimages_jax.models import resnet
+
+CLASSES_FILE = "classes.json"
+
+
+def load_checked(checkpoint: str | os.PathLike[str]
+                 ) -> tuple[dict[str, Any], dict[str, Any], resnet.ResNet]:
+  """(variables, metadata, network) of a checkpoint whose weights fit it.
+
+  Raises CheckpointError naming the checkpoint and every missing, unexpected
+  or misshaped array.
+  """
+  source = os.path.abspath(checkpoint)
+  try:
+    variables, metadata = store.load_for_inference(checkpoint)
+  except store.CheckpointError:
+    raise
+  except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
+    raise store.CheckpointError(
+        f"{source}: cannot read the checkpoint ({type(e).__name__}: {e})"
+    ) from e
+  spec = metadata["model"]
+  model = resnet.create_model(int(spec["depth"]), int(spec["num_classes"]),
+                              width_multiplier=float(spec["width_multiplier"]))
+  predict.check_variables(model, variables, source)
+  return variables, metadata, model
+
+
+def architecture(model: resnet.ResNet) -> dict[str, Any]:
+  """The network's shape, explicit (channel counts after the width)."""
+  width = model.width_multiplier
+  return {
+      "num_classes": model.num_classes,
+      "stage_sizes": list(model.stage_sizes),
+      "stem_channels": resnet.scaled_features(resnet.STEM_FEATURES, width),
+      "stage_channels": [resnet.scaled_features(f, width)
+                         for f in resnet.STAGE_FEATURES],
+      "bn_epsilon": model.bn_epsilon,
+  }
+
+
+def describe(metadata: Mapping[str, Any], checkpoint: str,
+             export_format: str) -> dict[str, Any]:
+  """What an export records about its origin and its input convention."""
+  return {
+      "format": export_format,
+      "checkpoint": os.path.abspath(checkpoint),
+      "step": metadata["step"],
+      "model": metadata["model"],
+      "image_size": metadata["image_size"],
+      "label_mode": metadata["label_mode"],
+      "probabilities": ("sigmoid" if metadata["label_mode"] == "multi"
+                        else "softmax"),
+  }
+
+
+def write_classes(directory: pathlib.Path,
+                  metadata: Mapping[str, Any]) -> None:
+  with open(directory / CLASSES_FILE, "w", encoding="utf-8") as f:
+    json.dump({"ids": metadata["classes"]["ids"],
+               "names": metadata["classes"]["names"]}, f, indent=1)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *,
+                     overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """A temporary directory that becomes `path` only if the block succeeds."""
+  path = pathlib.Path(path).resolve()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.",
+                                      dir=path.parent))
+  try:
+    yield tmp
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
