@@ -32,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mlimages_jax.data.closure import LABEL_CLOSURES
+
 FORMAT = "mlimages-jax"
 CHECKPOINT_DIR = "checkpoints"
 INFERENCE_METADATA_FILE = "mlimages_metadata.json"
@@ -48,8 +50,14 @@ class CheckpointError(ValueError):
 
 def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
                   image_size: int, label_mode: str, class_ids: Sequence[str],
-                  class_names: Sequence[str], step: int = 0) -> dict[str, Any]:
-  """The metadata every checkpoint carries (the TEAM.md contract)."""
+                  class_names: Sequence[str], step: int = 0,
+                  label_closure: str | None = None) -> dict[str, Any]:
+  """The metadata every checkpoint carries (the TEAM.md contract).
+
+  `label_closure` is what the training dataset did to its annotations
+  ("closed" / "as_given", from the dataset's metadata); None: not recorded
+  (converted weights, datasets without the record).
+  """
   metadata = {
       "format": FORMAT,
       "model": {"depth": int(depth), "num_classes": int(num_classes),
@@ -59,6 +67,7 @@ def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
       "classes": {"ids": [str(i) for i in class_ids],
                   "names": [str(n) for n in class_names]},
       "step": int(step),
+      "label_closure": label_closure,
   }
   validate_metadata(metadata)
   return metadata
@@ -85,6 +94,9 @@ def validate_metadata(metadata: Mapping[str, Any], source: str = "metadata"):
   classes = metadata.get("classes")
   if not isinstance(classes, Mapping) or not {"ids", "names"} <= set(classes):
     fail("'classes' must have 'ids' and 'names'")
+  if metadata.get("label_closure") not in (*LABEL_CLOSURES, None):
+    fail(f"label_closure must be one of {LABEL_CLOSURES} or null, got "
+         f"{metadata.get('label_closure')!r}")
   if not (len(classes["ids"]) == len(classes["names"]) == model["num_classes"]):
     fail(f"{len(classes['ids'])} class ids and {len(classes['names'])} names "
          f"for {model['num_classes']} classes")
