@@ -122,6 +122,10 @@ def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],
   if (saved["model"]["num_classes"] == expected["model"]["num_classes"]
       and list(saved["classes"]["ids"]) != list(expected["classes"]["ids"])):
     problems.append("class ids differ (same count, different classes/order)")
+  closures = (saved.get("label_closure"), expected.get("label_closure"))
+  if None not in closures and closures[0] != closures[1]:
+    problems.append(f"label_closure: checkpoint {closures[0]!r}, dataset "
+                    f"{closures[1]!r}")
   if problems:
     raise CheckpointError(
         f"{source} was written by an incompatible run: " + "; ".join(problems)

@@ -99,8 +99,9 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   rng = jax.random.fold_in(state.rng, state.step)
   weights, loss_state = _loss_weights(config, batch["labels"],
                                       state.loss_state, rng)
-  micro_batches = dict(batch) if weights is None else dict(batch,
-                                                           weights=weights)
+  micro_batches = dict(batch)
+  if weights is not None:
+    micro_batches["weights"] = weights
   count = config.accumulate_steps
   micro_batches = jax.tree.map(
       lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]),
@@ -121,7 +122,9 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
 
   zeros = jax.tree.map(jnp.zeros_like,
                        (state.params, state.batch_stats, jnp.float32(0)))
-  totals, _ = jax.lax.scan(accumulate, zeros, micro_batches)
+  # One micro-batch (the default) is unrolled: no loop around the step.
+  totals, _ = jax.lax.scan(accumulate, zeros, micro_batches,
+                           unroll=count == 1)
   grads, batch_stats, data_loss = jax.tree.map(lambda t: t / count, totals)
   decay, decay_grads = jax.value_and_grad(optimizer.weight_decay_penalty)(
       state.params, bn_modules, config.optimizer.weight_decay,
