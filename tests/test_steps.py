@@ -188,14 +188,15 @@ def test_accumulated_micro_batches_equal_the_unaccumulated_step():
                                   plain.loss_state.neg_count)
     # Both average the same 4 per-device gradients, in another order (scan
     # vs all-reduce) and compiled apart: float32 rounding (2**-24 relative
-    # per operation) through a few dozen layers stays below 1e-4 of the
-    # step's largest update per leaf (measured: <= 1e-5); per-micro-batch
-    # coefficients, BN or a sum for a mean change it by whole percents.
+    # per operation) through the network. Measured on parameters: at most
+    # 3.6e-5 of a leaf's largest update, while coefficients taken per
+    # micro-batch (positivity groups of 2) are off by 0.79 of it. 1e-3 sits
+    # 28x above the one and 790x below the other.
     for got, want, start in zip(jax.tree.leaves(accumulated),
                                 jax.tree.leaves(plain),
                                 jax.tree.leaves(state)):
       update = np.abs(np.asarray(want, np.float64) - start).max()
-      np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * update)
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * update)
     np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"],
                                rtol=1e-5)
     state = plain
