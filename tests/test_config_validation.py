@@ -37,6 +37,21 @@ def test_bad_types_loss_and_batch_are_rejected():
   assert "needs label_mode 'single'" in str(e.value)
 
 
+def test_accumulation_and_positivity_groups_must_divide_the_batch():
+  config = pretrain.get_config("smoke")  # 16 images over 8 devices.
+  config.accumulate_steps = 4
+  config.loss.positivity_batch_size = 6
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("config.accumulate_steps=4 must be >= 1 and divide the per-device "
+          "batch (16 over 8 devices = 2)") in str(e.value)
+  assert ("config.loss.positivity_batch_size=6 must be 0 (the whole global "
+          "batch) or divide config.batch_size=16") in str(e.value)
+  config.accumulate_steps = 2
+  config.loss.positivity_batch_size = 4
+  config_validation.validate_config(config)
+
+
 @pytest.mark.parametrize("recipe", [pretrain, finetune_imagenet])
 @pytest.mark.parametrize("variant", [None, "demo", "smoke"])
 def test_recipes_only_override_the_base(recipe, variant):

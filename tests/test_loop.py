@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mlimages_jax.checkpoints import store
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import loop
 
@@ -24,3 +25,29 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
     loop.train_and_evaluate(config, tmp_path / "work")
   assert time.perf_counter() - start < 20
   assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_record_the_datasets_label_closure(tmp_path):
+  """A real build with the annotations as given: every checkpoint says so.
+  The run accumulates 2 micro-batches in positivity groups of 4."""
+  from tfds_builder.ml_images import ml_images_dataset_builder as mib
+  config_name = "synthetic_as_given"
+  mib.Builder(config=mib.MlImagesConfig(
+      name=config_name, kind="synthetic", parts=(), num_train=32,
+      num_validation=16, image_size=32, label_closure="as_given"),
+              data_dir=str(tmp_path / "data")).download_and_prepare()
+  config = pretrain.get_config("smoke")
+  config.dataset = f"ml_images/{config_name}"
+  config.data_dir = str(tmp_path / "data")
+  config.num_train_steps = 2
+  config.eval_batch_size = 8
+  config.num_eval_examples = -1
+  config.accumulate_steps = 2
+  config.loss.positivity_batch_size = 4
+  loop.train_and_evaluate(config, tmp_path / "work")
+  checkpoints = store.TrainCheckpointer(tmp_path / "work")
+  metadata = checkpoints.metadata(checkpoints.latest_step())
+  checkpoints.close()
+  assert metadata["step"] == 2
+  assert metadata["label_closure"] == "as_given"

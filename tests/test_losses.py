@@ -220,3 +220,81 @@ def test_shape_errors():
   with pytest.raises(ValueError, match="batch, num_classes"):
     losses.adaptive_sigmoid_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), state,
                                  jax.random.PRNGKey(0))
+
+
+def _reference_grouped_step(reference, logits, labels, draws, group_size):
+  """The original's per-batch update on each group in turn: the groups'
+  mean loss and its gradient in the logits (float64, closed form)."""
+  num_groups = len(labels) // group_size
+  losses_, grads = [], np.zeros(labels.shape)
+  for g in range(num_groups):
+    rows = slice(g * group_size, (g + 1) * group_size)
+    loss, coefs = reference.step(logits[rows], labels[rows], draws[g])
+    losses_.append(loss)
+    z, y = logits[rows].astype(np.float64), labels[rows].astype(np.float64)
+    sigmoid = 1 / (1 + np.exp(-z))
+    dce = reference.pos_weight * y * (sigmoid - 1) + (1 - y) * sigmoid
+    dce[y == -1] = 0.0
+    grads[rows] = coefs * dce / group_size / num_groups
+  return np.mean(losses_), grads
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+@pytest.mark.parametrize("group_size", [3, 4, 12, 0])
+def test_positivity_groups_match_the_original_step_by_step(num_devices,
+                                                           group_size):
+  """Groups of 3 split each device's 6 examples, groups of 4 and 12 span
+  devices, 0 is the whole batch: the counters must be exactly those of
+  consecutive original steps, the loss and gradient theirs to float32."""
+  num_classes, batch, steps = 16, 24, 4
+  size = group_size or batch
+  rng = np.random.default_rng(4)
+  reference = NumpyAdaptiveLoss(num_classes, neg_select=0.4)
+  devices = jax.local_devices()[:num_devices]
+
+  def device_step(logits, labels, state, key):
+    (loss, new_state), grads = jax.value_and_grad(
+        losses.adaptive_sigmoid_loss, has_aux=True)(
+            logits, labels, state, key, neg_select=0.4,
+            group_size=group_size, axis_name="batch")
+    return jax.lax.pmean(loss, "batch"), new_state, grads
+
+  pmapped = jax.pmap(device_step, axis_name="batch", devices=devices)
+  state = jax.tree.map(lambda a: np.stack([a] * num_devices),
+                       losses.init_loss_state(num_classes))
+  for step in range(steps):
+    # Rare positives: the groups disagree on which classes are positive.
+    logits, labels = _random_batch(rng, batch, num_classes,
+                                   positive_rate=0.06)
+    labels[::5, 0] = 1.0  # Class 0 positive in every group of >= 5 only.
+    labels[:, 1] = 0.9  # Class 1 in every group: counted once per group.
+    key = jax.random.PRNGKey(7 + step)
+    keys = jnp.stack([key] + [jax.random.PRNGKey(500 + d)
+                              for d in range(1, num_devices)])
+    loss, state, grads = pmapped(
+        logits.reshape(num_devices, -1, num_classes),
+        labels.reshape(num_devices, -1, num_classes), state, keys)
+    draws = np.asarray(jax.random.uniform(key, (batch // size, num_classes)))
+    ref_loss, ref_grads = _reference_grouped_step(reference, logits, labels,
+                                                  draws, size)
+    for d in range(num_devices):  # Counts are small integers: exact.
+      np.testing.assert_array_equal(state.pos_count[d], reference.pos_count)
+      np.testing.assert_array_equal(state.neg_count[d], reference.neg_count)
+    # float32 against float64: each term is within a few ulp (softplus,
+    # log10) and the sums have < 400 positive terms, so 2e-5 relative
+    # bounds the rounding while a wrong coefficient (>= 1 % apart: the
+    # counts differ by >= 1) cannot pass.
+    np.testing.assert_allclose(loss, np.full(num_devices, ref_loss),
+                               rtol=2e-5)
+    # Each device's gradient is num_devices x its share (pmean convention).
+    np.testing.assert_allclose(
+        np.asarray(grads).reshape(batch, num_classes) / num_devices,
+        ref_grads, rtol=2e-5, atol=1e-9)
+  assert reference.pos_count[1] == steps * (batch // size)
+  assert reference.neg_count.max() >= 2
+
+
+def test_positivity_group_must_divide_the_batch():
+  with pytest.raises(ValueError, match="divide the global batch of 6"):
+    losses.adaptive_weights(jnp.zeros((6, 3)), losses.init_loss_state(3),
+                            jax.random.PRNGKey(0), group_size=4)

@@ -110,6 +110,20 @@ def test_same_count_different_classes_is_rejected():
                                "ckpt/7")  # Image size may change.
 
 
+def test_label_closure_is_recorded_and_must_not_change_on_resume():
+  closed = dict(_metadata(), label_closure="closed")
+  store.validate_metadata(closed)
+  assert _metadata()["label_closure"] is None  # Not recorded: any dataset.
+  store.check_compatible(_metadata(), closed, "ckpt/7")
+  with pytest.raises(store.CheckpointError,
+                     match="label_closure: checkpoint 'closed', dataset "
+                     "'as_given'"):
+    store.check_compatible(closed, dict(closed, label_closure="as_given"),
+                           "ckpt/7")
+  with pytest.raises(store.CheckpointError, match="label_closure must be"):
+    store.validate_metadata(dict(closed, label_closure="open"))
+
+
 def test_malformed_metadata_is_rejected():
   broken = _metadata()
   broken["classes"]["names"] = broken["classes"]["names"][:-1]

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mlimages_jax import fileio
+from mlimages_jax.data.closure import LABEL_CLOSURES
 
 FORMAT = "mlimages-jax"
 CHECKPOINT_DIR = "checkpoints"
@@ -49,8 +50,14 @@ class CheckpointError(ValueError):
 
 def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
                   image_size: int, label_mode: str, class_ids: Sequence[str],
-                  class_names: Sequence[str], step: int = 0) -> dict[str, Any]:
-  """The metadata every checkpoint carries (the TEAM.md contract)."""
+                  class_names: Sequence[str], step: int = 0,
+                  label_closure: str | None = None) -> dict[str, Any]:
+  """The metadata every checkpoint carries (the TEAM.md contract).
+
+  `label_closure` is what the training dataset did to its annotations
+  ("closed" / "as_given", from the dataset's metadata); None: not recorded
+  (converted weights, datasets without the record).
+  """
   metadata = {
       "format": FORMAT,
       "model": {"depth": int(depth), "num_classes": int(num_classes),
@@ -60,6 +67,7 @@ def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
       "classes": {"ids": [str(i) for i in class_ids],
                   "names": [str(n) for n in class_names]},
       "step": int(step),
+      "label_closure": label_closure,
   }
   validate_metadata(metadata)
   return metadata
@@ -86,6 +94,9 @@ def validate_metadata(metadata: Mapping[str, Any], source: str = "metadata"):
   classes = metadata.get("classes")
   if not isinstance(classes, Mapping) or not {"ids", "names"} <= set(classes):
     fail("'classes' must have 'ids' and 'names'")
+  if metadata.get("label_closure") not in (*LABEL_CLOSURES, None):
+    fail(f"label_closure must be one of {LABEL_CLOSURES} or null, got "
+         f"{metadata.get('label_closure')!r}")
   if not (len(classes["ids"]) == len(classes["names"]) == model["num_classes"]):
     fail(f"{len(classes['ids'])} class ids and {len(classes['names'])} names "
          f"for {model['num_classes']} classes")
@@ -111,6 +122,10 @@ def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],
   if (saved["model"]["num_classes"] == expected["model"]["num_classes"]
       and list(saved["classes"]["ids"]) != list(expected["classes"]["ids"])):
     problems.append("class ids differ (same count, different classes/order)")
+  closures = (saved.get("label_closure"), expected.get("label_closure"))
+  if None not in closures and closures[0] != closures[1]:
+    problems.append(f"label_closure: checkpoint {closures[0]!r}, dataset "
+                    f"{closures[1]!r}")
   if problems:
     raise CheckpointError(
         f"{source} was written by an incompatible run: " + "; ".join(problems)

@@ -28,6 +28,12 @@ from mlimages_jax.data.hierarchy import ragged_arange
 if TYPE_CHECKING:
   from mlimages_jax.data.cooccurrence import CooccurrencePairs
 
+# What a dataset did to its annotations (TFDS builder option, recorded in the
+# dataset's and every checkpoint's metadata): "closed" = co-occurrence pairs
+# (when given) then closure over ancestors; "as_given" = the annotations
+# exactly as listed, as the original's shipped lists and TFRecords are.
+LABEL_CLOSURES = ("closed", "as_given")
+
 
 def close_over_ancestors(hierarchy: Hierarchy, indices: np.ndarray,
                          confidences: np.ndarray) -> tuple[np.ndarray,

@@ -219,15 +219,19 @@ class SyntheticExample:
   """One generated image with its labels and what was drawn."""
   key: str
   jpeg: bytes
-  labels: np.ndarray        # int32, sorted, closed over ancestors.
+  labels: np.ndarray        # int32, sorted, closed over ancestors (or not).
   confidences: np.ndarray   # float32, all 1.
   objects: tuple[SyntheticObject, ...]
 
 
 def generate_example(hierarchy: hierarchy_lib.Hierarchy, split: str,
                      index: int, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                     seed: int = DEFAULT_SEED) -> SyntheticExample:
+                     seed: int = DEFAULT_SEED,
+                     close: bool = True) -> SyntheticExample:
   """Example `index` of `split`; a pure function of its arguments.
+
+  Its labels are the drawn leaves, closed over the hierarchy unless `close`
+  is False (the builder's ``label_closure="as_given"``).
 
   Seeding per example (not per stream) makes any example reproducible on its
   own, so builds can be split across workers and still give the same bytes.
@@ -238,8 +242,9 @@ def generate_example(hierarchy: hierarchy_lib.Hierarchy, split: str,
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
   leaves = np.unique(np.asarray([o.leaf for o in objects], np.int32))
-  indices, confidences = closure.augment(
-      hierarchy, leaves, np.ones(len(leaves), np.float32))
+  indices, confidences = leaves, np.ones(len(leaves), np.float32)
+  if close:
+    indices, confidences = closure.augment(hierarchy, indices, confidences)
   return SyntheticExample(
       key=f"{split}_{index:06d}", jpeg=buffer.getvalue(), labels=indices,
       confidences=confidences, objects=tuple(objects))
@@ -247,8 +252,9 @@ def generate_example(hierarchy: hierarchy_lib.Hierarchy, split: str,
 
 def generate_split(hierarchy: hierarchy_lib.Hierarchy, split: str,
                    num_examples: int, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                   seed: int = DEFAULT_SEED) -> Iterator[SyntheticExample]:
+                   seed: int = DEFAULT_SEED,
+                   close: bool = True) -> Iterator[SyntheticExample]:
   """Examples 0..num_examples-1 of `split` (what the TFDS config builds)."""
   for index in range(num_examples):
     yield generate_example(hierarchy, split, index, image_size=image_size,
-                           seed=seed)
+                           seed=seed, close=close)

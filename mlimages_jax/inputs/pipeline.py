@@ -76,6 +76,9 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
   label_mode: str
+  # "closed" / "as_given" (closure.LABEL_CLOSURES) as the builder recorded
+  # it; None where the dataset does not say (imagenet2012, older builds).
+  label_closure: str | None = None
 
 
 def _dataset_family(dataset: str) -> str:
@@ -185,7 +188,9 @@ def _info(builder: tfds.core.DatasetBuilder, label_mode: str) -> DatasetInfo:
                      f"{label_mode!r}")
   return DatasetInfo(name=builder.info.full_name, num_classes=len(ids),
                      class_ids=ids, class_names=names, split_sizes=splits,
-                     label_mode=label_mode)
+                     label_mode=label_mode,
+                     label_closure=(builder.info.metadata or {}).get(
+                         "label_closure"))
 
 
 def dataset_info(dataset: str, data_dir: str | None, *,

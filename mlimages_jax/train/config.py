@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # Compute dtype; parameters stay float32.
   c.loss = ml_collections.ConfigDict(dict(
       name="adaptive_sigmoid", pos_weight=12.0, mask_thres=0.7,
-      neg_select=0.1))  # The §7 values; only adaptive_sigmoid reads them.
+      neg_select=0.1,  # The §7 values; only adaptive_sigmoid reads them.
+      # Examples per positivity group (the original: one GPU's batch); the
+      # counters advance once per group. 0 = the whole global batch.
+      positivity_batch_size=0))
 
   # Optimisation: SGD with momentum, L2 added to the loss.
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -56,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_interval=1, warmup_steps=0, peak_lr=0.1,
       decay_boundaries=(), decay_factor=0.1, rate_at_boundary="previous"))
   c.batch_size = 256  # Global: split over all devices of all processes.
+  # Micro-batches per step: each device's share of the batch is cut into this
+  # many, their gradients summed (1 = off). Same update, less memory.
+  c.accumulate_steps = 1
   c.num_train_steps = 1  # At the reference batch; scaled like the schedule.
   c.seed = 0
 

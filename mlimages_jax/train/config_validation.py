@@ -92,6 +92,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"config.{name}={size} is not divisible by the {devices} devices "
           f"(the global batch is split evenly over all devices of all "
           f"{jax.process_count()} process(es), {local} per process)")
+  per_device = config.batch_size // devices
+  if config.accumulate_steps <= 0 or per_device % config.accumulate_steps:
+    problems.append(
+        f"config.accumulate_steps={config.accumulate_steps} must be >= 1 and "
+        f"divide the per-device batch ({config.batch_size} over {devices} "
+        f"devices = {per_device})")
+  group = config.loss.positivity_batch_size
+  if group < 0 or (group and config.batch_size % group):
+    problems.append(
+        f"config.loss.positivity_batch_size={group} must be 0 (the whole "
+        f"global batch) or divide config.batch_size={config.batch_size}")
   for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
                "keep_checkpoints"):
     if config[name] <= 0:

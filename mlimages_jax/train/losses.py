@@ -22,13 +22,30 @@ Semantics, transcribed from the original ``train.py`` (ML_IMAGES.md §7):
 * ``loss = sum_c coef[c] * mean_n ce[n, c]``. The coefficients are constants
   for the gradient (they depend only on labels and counters).
 
+Positivity groups (``group_size``, config ``loss.positivity_batch_size``):
+the original decides "positive in this batch" over one GPU's batch. With a
+group size P the global batch, in its global example order (the pmap axis
+index, then the position on the device), is cut into consecutive groups of P
+examples; the counters are updated group after group, exactly as P-example
+steps of the original would update them, and each example's cross-entropy is
+weighted by its own group's coefficients. ``group_size=0`` is one group: the
+whole global batch. The loss is the mean over the groups of each group's
+original loss (``sum_c coef_g[c] * mean_{n in g} ce[n, c]``), i.e. what the
+original would average over that many consecutive steps.
+
 Data parallelism (``axis_name`` given, inside ``pmap``): class positivity is
-taken over the GLOBAL batch and the sampling draws are device 0's, broadcast,
-so every device computes the same coefficients and holds the same state — the
-state one device would hold training on the whole global batch. The returned
-loss is this device's share: ``pmean`` of it over ``axis_name`` is the
-global-batch loss, and ``pmean`` of its gradients is the global-batch gradient
-(the usual data-parallel step).
+taken per group over the GLOBAL batch (groups may span or split devices) and
+the sampling draws are device 0's, broadcast, so every device computes the
+same coefficients and holds the same state — the state one device would hold
+training on the whole global batch. The returned loss is this device's
+share: ``pmean`` of it over ``axis_name`` is the global-batch loss, and
+``pmean`` of its gradients is the global-batch gradient (the usual
+data-parallel step).
+
+`adaptive_weights` (counters -> per-example, per-class coefficients) and
+`weighted_sigmoid_loss` (the loss given them) are separate so that gradient
+accumulation can take the coefficients of the whole batch once and then
+split it into micro-batches.
 """
 
 from __future__ import annotations
@@ -82,51 +99,117 @@ def class_coefficients(positive: jnp.ndarray, selected: jnp.ndarray,
   return coef, LossState(pos_count=pos_count, neg_count=neg_count)
 
 
+def _group_positives(labels: jnp.ndarray, mask_thres: float, group_size: int,
+                     axis_name: str | None
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(positive [G, C] over the global batch, group index [b] of each local
+  example); see the module docstring for the order and the groups."""
+  local = labels.shape[0]
+  devices, index = 1, 0
+  if axis_name is not None:
+    devices = jax.lax.axis_size(axis_name)
+    index = jax.lax.axis_index(axis_name)
+  total = local * devices
+  size = group_size or total
+  if group_size < 0 or total % size:
+    raise ValueError(f"positivity group size {group_size} must be >= 0 and "
+                     f"divide the global batch of {total} examples")
+  num_groups = total // size
+  group = (index * local + jnp.arange(local)) // size
+  hits = (labels >= mask_thres).astype(jnp.float32)
+  positive = jnp.minimum(
+      jax.ops.segment_sum(hits, group, num_segments=num_groups), 1.0)
+  if axis_name is not None:
+    positive = jax.lax.pmax(positive, axis_name)
+  return positive, group
+
+
+def adaptive_weights(labels: jnp.ndarray, state: LossState, rng: jax.Array,
+                     *, mask_thres: float = 0.7, neg_select: float = 0.1,
+                     group_size: int = 0, axis_name: str | None = None
+                     ) -> tuple[jnp.ndarray, LossState]:
+  """Updates the counters group by group; each example's class weights.
+
+  Args:
+    labels: [B, C] this device's labels (confidences, -1 = ignore).
+    state: the counters (replicated across ``axis_name``).
+    rng: key for the negative-class sampling: group g's draws are row g of
+      ``uniform(rng, [G, C])`` (with one group, the step's single [C] draw).
+      Under ``pmap`` only device 0's draws are used, so any per-device key
+      works.
+    mask_thres: a label at or above this makes its class positive.
+    neg_select: probability of training a negative-only class in a group.
+    group_size: examples per positivity group; 0 = the whole global batch.
+    axis_name: the pmap/shard_map axis of the data-parallel batch, if any.
+
+  Returns:
+    (weights, new_state): float32 [B, C], the coefficients of each example's
+    group, and the counters after the last group (identical on all devices).
+  """
+  labels = labels.astype(jnp.float32)
+  if labels.ndim != 2 or state.pos_count.shape != labels.shape[1:]:
+    raise ValueError(f"labels {labels.shape} must be [batch, num_classes] "
+                     f"with the loss state's {state.pos_count.shape[0]} "
+                     "classes")
+  positive, group = _group_positives(labels, mask_thres, group_size,
+                                     axis_name)
+  draws = jax.random.uniform(rng, positive.shape, jnp.float32)
+  if axis_name is not None:
+    is_first = jax.lax.axis_index(axis_name) == 0
+    draws = jax.lax.psum(jnp.where(is_first, draws, 0.0), axis_name)
+  selected = (draws <= neg_select).astype(jnp.float32)
+
+  def one_group(counters, group_inputs):
+    coef, counters = class_coefficients(*group_inputs, counters)
+    return counters, coef
+
+  new_state, coefs = jax.lax.scan(one_group, state, (positive, selected))
+  return coefs[group], new_state
+
+
+def weighted_sigmoid_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                          weights: jnp.ndarray, pos_weight: float = 12.0
+                          ) -> jnp.ndarray:
+  """``sum_c mean_n weights[n, c] * ce[n, c]``; weights are constants."""
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.float32)
+  if not logits.shape == labels.shape == weights.shape or logits.ndim != 2:
+    raise ValueError(f"logits {logits.shape}, labels {labels.shape} and "
+                     f"weights {weights.shape} must all be [batch, "
+                     "num_classes]")
+  ce = weighted_sigmoid_cross_entropy(logits, labels, pos_weight)
+  return jnp.sum(jnp.mean(ce * jax.lax.stop_gradient(weights), axis=0))
+
+
 def adaptive_sigmoid_loss(logits: jnp.ndarray, labels: jnp.ndarray,
                           state: LossState, rng: jax.Array, *,
                           pos_weight: float = 12.0, mask_thres: float = 0.7,
-                          neg_select: float = 0.1,
+                          neg_select: float = 0.1, group_size: int = 0,
                           axis_name: str | None = None
                           ) -> tuple[jnp.ndarray, LossState]:
   """The §7 loss for one step; see the module docstring for the semantics.
 
   Args:
     logits: [B, C] (any float dtype; computed in float32).
-    labels: [B, C] confidences in [0, 1], -1 for "ignore".
-    state: the counters (replicated across ``axis_name``).
-    rng: key for the negative-class sampling. Under ``pmap`` only device 0's
-      draws are used, so any per-device key works.
+    labels, state, rng, mask_thres, neg_select, group_size, axis_name: as in
+      `adaptive_weights`.
     pos_weight: weight of positive entries in the cross-entropy.
-    mask_thres: a label at or above this makes its class positive.
-    neg_select: probability of training a negative-only class this step.
-    axis_name: the pmap/shard_map axis of the data-parallel batch, if any.
 
   Returns:
     (loss, new_state): this device's loss share (float32 scalar) and the
     updated counters (identical on all devices).
   """
-  logits = logits.astype(jnp.float32)
-  labels = labels.astype(jnp.float32)
   if logits.shape != labels.shape or logits.ndim != 2:
     raise ValueError(f"logits {logits.shape} and labels {labels.shape} must "
                      "both be [batch, num_classes]")
   if state.pos_count.shape != logits.shape[1:]:
     raise ValueError(f"loss state has {state.pos_count.shape[0]} classes, "
                      f"logits have {logits.shape[1]}")
-
-  positive = jnp.any(labels >= mask_thres, axis=0).astype(jnp.float32)
-  draws = jax.random.uniform(rng, logits.shape[1:], jnp.float32)
-  if axis_name is not None:
-    positive = jax.lax.pmax(positive, axis_name)
-    is_first = jax.lax.axis_index(axis_name) == 0
-    draws = jax.lax.psum(jnp.where(is_first, draws, 0.0), axis_name)
-  selected = (draws <= neg_select).astype(jnp.float32)
-  coef, new_state = class_coefficients(positive, selected, state)
-
-  ce = weighted_sigmoid_cross_entropy(logits, labels, pos_weight)
-  per_class = jnp.mean(ce, axis=0)
-  loss = jnp.sum(per_class * jax.lax.stop_gradient(coef))
-  return loss, new_state
+  weights, new_state = adaptive_weights(
+      labels, state, rng, mask_thres=mask_thres, neg_select=neg_select,
+      group_size=group_size, axis_name=axis_name)
+  return (weighted_sigmoid_loss(logits, labels, weights, pos_weight),
+          new_state)
 
 
 def sigmoid_cross_entropy(logits: jnp.ndarray,

@@ -4,7 +4,7 @@ tool's forward pass, train/evaluator.py).
 It runs under ``jax.pmap`` over `AXIS_NAME`; the collectives that make it
 data-parallel are the ``pmean`` calls in `train_step` (gradients, BN moving
 statistics, logged losses) and the adaptive loss's class positivity count
-(in `losses.adaptive_sigmoid_loss`).
+(in `losses.adaptive_weights`).
 """
 
 from __future__ import annotations
@@ -41,19 +41,33 @@ def model_inputs(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
   return preprocessing.normalize(image) if image.dtype == jnp.uint8 else image
 
 
+def _loss_weights(config: ml_collections.ConfigDict, labels: jnp.ndarray,
+                  loss_state: losses.LossState, rng: jax.Array
+                  ) -> tuple[jnp.ndarray | None, losses.LossState]:
+  """The adaptive loss's class weights for the whole step (None otherwise).
+
+  Taken once from the labels of the whole global batch, before it is cut
+  into micro-batches: accumulation must not change the coefficients.
+  """
+  if config.loss.name != "adaptive_sigmoid":
+    return None, loss_state
+  return losses.adaptive_weights(
+      labels, loss_state, rng, mask_thres=config.loss.mask_thres,
+      neg_select=config.loss.neg_select,
+      group_size=config.loss.positivity_batch_size, axis_name=AXIS_NAME)
+
+
 def _data_loss(config: ml_collections.ConfigDict, logits: jnp.ndarray,
-               labels: jnp.ndarray, loss_state: losses.LossState,
-               rng: jax.Array) -> tuple[jnp.ndarray, losses.LossState]:
+               labels: jnp.ndarray, weights: jnp.ndarray | None
+               ) -> jnp.ndarray:
+  """The mean data loss of a (micro-)batch."""
   name = config.loss.name
   if name == "adaptive_sigmoid":
-    return losses.adaptive_sigmoid_loss(
-        logits, labels, loss_state, rng, pos_weight=config.loss.pos_weight,
-        mask_thres=config.loss.mask_thres, neg_select=config.loss.neg_select,
-        axis_name=AXIS_NAME)
+    return losses.weighted_sigmoid_loss(logits, labels, weights,
+                                        config.loss.pos_weight)
   if name == "sigmoid":
-    return losses.sigmoid_cross_entropy(logits, labels), loss_state
-  return (losses.softmax_cross_entropy(logits, labels, logits.shape[-1]),
-          loss_state)
+    return losses.sigmoid_cross_entropy(logits, labels)
+  return losses.softmax_cross_entropy(logits, labels, logits.shape[-1])
 
 
 def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
@@ -70,25 +84,53 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   (the optimizer's schedule) the metrics include the step's
   ``learning_rate``: computed here, the host never runs (and waits for)
   device ops of its own to log it.
+
+  Gradient accumulation (``config.accumulate_steps`` = A): the device's
+  shard is cut into A consecutive micro-batches, run one after another from
+  the same parameters; their gradients, losses and updated BN moving
+  statistics are averaged, exactly what A times as many devices would
+  average with ``pmean``. So the update equals the unaccumulated step on A
+  times the devices; on the same devices it differs only in that BN
+  normalises each micro-batch with its own statistics (B/A per device
+  instead of B; with sync BN, the micro-batch across devices) and the moving
+  averages are the mean of A updates from those statistics.
   """
   # The same key on every device: the adaptive loss's negative-class sampling
   # must agree everywhere so that all devices keep identical counters.
   rng = jax.random.fold_in(state.rng, state.step)
+  weights, loss_state = _loss_weights(config, batch["labels"],
+                                      state.loss_state, rng)
+  micro_batches = dict(batch)
+  if weights is not None:
+    micro_batches["weights"] = weights
+  count = config.accumulate_steps
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]),
+      micro_batches)
 
-  def loss_fn(params):
+  def micro_loss(params, micro):
     (logits, _), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats},
-        model_inputs(batch), train=True, mutable=["batch_stats"])
-    data_loss, loss_state = _data_loss(config, logits, batch["labels"],
-                                       state.loss_state, rng)
-    decay = optimizer.weight_decay_penalty(params, bn_modules,
-                                           config.optimizer.weight_decay,
-                                           config.optimizer.weight_decay_bn)
-    return data_loss + decay, (data_loss, decay, loss_state,
-                               updates["batch_stats"])
+        model_inputs(micro), train=True, mutable=["batch_stats"])
+    data_loss = _data_loss(config, logits, micro["labels"],
+                           micro.get("weights"))
+    return data_loss, updates["batch_stats"]
 
-  grads, (data_loss, decay, loss_state, batch_stats) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
+  def accumulate(totals, micro):
+    (data_loss, batch_stats), grads = jax.value_and_grad(
+        micro_loss, has_aux=True)(state.params, micro)
+    return jax.tree.map(jnp.add, totals, (grads, batch_stats, data_loss)), None
+
+  zeros = jax.tree.map(jnp.zeros_like,
+                       (state.params, state.batch_stats, jnp.float32(0)))
+  # One micro-batch (the default) is unrolled: no loop around the step.
+  totals, _ = jax.lax.scan(accumulate, zeros, micro_batches,
+                           unroll=count == 1)
+  grads, batch_stats, data_loss = jax.tree.map(lambda t: t / count, totals)
+  decay, decay_grads = jax.value_and_grad(optimizer.weight_decay_penalty)(
+      state.params, bn_modules, config.optimizer.weight_decay,
+      config.optimizer.weight_decay_bn)
+  grads = jax.tree.map(jnp.add, grads, decay_grads)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   batch_stats = jax.lax.pmean(batch_stats, AXIS_NAME)
   if config.freeze_blocks and config.frozen_blocks_batch_stats == "keep":

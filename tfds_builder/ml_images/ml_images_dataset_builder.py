@@ -3,8 +3,10 @@
 One example per image: the image as an RGB JPEG (JPEG sources byte-for-byte),
 its file name, its source part, and sparse `labels` (ClassLabel keyed by wnid)
 with aligned `confidences` (-1 = ignore), closed over the hierarchy (plus
-co-occurrence pairs when `cooccurrence_pairs.tsv` is in the manual directory).
-The hierarchy travels in `info.metadata` ({"wnids", "names", "parents"}).
+co-occurrence pairs when `cooccurrence_pairs.tsv` is in the manual directory)
+unless the config's `label_closure` is "as_given". The hierarchy and that
+choice travel in `info.metadata` ({"wnids", "names", "parents",
+"label_closure"}).
 
 The manual configs become an Apache Beam pipeline when Beam options or a
 runner are given (`tfds build ... --beam_pipeline_options=...`); otherwise a
@@ -90,6 +92,10 @@ class MlImagesConfig(tfds.core.BuilderConfig):
       split's list lines have a missing or undecodable image (they are
       skipped, counted and reported either way).
     lines_per_work_unit: list lines per Beam work unit (Beam builds only).
+    label_closure: "closed" (default: co-occurrence pairs, if given, then
+      closure over the hierarchy) or "as_given" (the annotations exactly as
+      listed, as the original's shipped lists and TFRecords are; a class
+      listed twice keeps its highest confidence). Recorded in the metadata.
     num_train, num_validation, image_size, seed: the synthetic config's size,
       image side and seed.
   """
@@ -97,6 +103,7 @@ class MlImagesConfig(tfds.core.BuilderConfig):
   parts: tuple[str, ...] = PARTS
   max_bad_fraction: float = 0.05
   lines_per_work_unit: int = 10_000
+  label_closure: str = "closed"
   num_train: int = synthetic.DEFAULT_SPLIT_SIZES["train"]
   num_validation: int = synthetic.DEFAULT_SPLIT_SIZES["validation"]
   image_size: int = synthetic.DEFAULT_IMAGE_SIZE
@@ -111,6 +118,10 @@ class MlImagesConfig(tfds.core.BuilderConfig):
                                   not set(self.parts) <= set(PARTS)):
       raise ValueError(f"ml_images config {self.name!r}: parts must be a "
                        f"non-empty subset of {PARTS}, got {self.parts}")
+    if self.label_closure not in closure.LABEL_CLOSURES:
+      raise ValueError(f"ml_images config {self.name!r}: label_closure must "
+                       f"be one of {closure.LABEL_CLOSURES}, got "
+                       f"{self.label_closure!r}")
     if not 0.0 <= self.max_bad_fraction <= 1.0:
       raise ValueError(f"ml_images config {self.name!r}: max_bad_fraction "
                        f"must be in [0, 1], got {self.max_bad_fraction}")
@@ -204,7 +215,8 @@ def _line_chunks(part: str, list_path: epath.Path, images_dir: epath.Path,
 
 
 def _parse_chunk(chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
-                 pairs: Any, batch_lines: int = 1024) -> Iterator[_Pending]:
+                 pairs: Any, close: bool = True,
+                 batch_lines: int = 1024) -> Iterator[_Pending]:
   """Parses and augments the lines of one chunk (LabelError: file:line).
 
   Lines are parsed one by one (exact errors) but augmented `batch_lines` at a
@@ -226,21 +238,29 @@ def _parse_chunk(chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
           line, num_classes=hierarchy.num_classes, source=chunk.list_path,
           lineno=lineno))
       if len(rows) == batch_lines:
-        yield from _augmented(rows, chunk, hierarchy, pairs)
+        yield from _augmented(rows, chunk, hierarchy, pairs, close)
         rows = []
-  yield from _augmented(rows, chunk, hierarchy, pairs)
+  yield from _augmented(rows, chunk, hierarchy, pairs, close)
 
 
 def _augmented(rows: list[tuple[str, np.ndarray, np.ndarray]],
                chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
-               pairs: Any) -> Iterator[_Pending]:
+               pairs: Any, close: bool) -> Iterator[_Pending]:
+  """The rows' labels, closed or as given (sorted, duplicates at their max)."""
   if not rows:
     return
+  sizes = [len(indices) for _, indices, _ in rows]
   indptr = np.zeros(len(rows) + 1, np.int64)
-  np.cumsum([len(indices) for _, indices, _ in rows], out=indptr[1:])
-  indptr, indices, confidences = closure.augment_batch(
-      hierarchy, indptr, np.concatenate([r[1] for r in rows]),
-      np.concatenate([r[2] for r in rows]), pairs=pairs)
+  np.cumsum(sizes, out=indptr[1:])
+  indices = np.concatenate([r[1] for r in rows])
+  confidences = np.concatenate([r[2] for r in rows])
+  if close:
+    indptr, indices, confidences = closure.augment_batch(
+        hierarchy, indptr, indices, confidences, pairs=pairs)
+  else:
+    indptr, indices, confidences = annotations.reduce_max(
+        np.repeat(np.arange(len(rows)), sizes), indices, confidences,
+        len(rows), hierarchy.num_classes)
   images_dir = epath.Path(chunk.images_dir)
   for r, (file_name, _, _) in enumerate(rows):
     a, b = indptr[r], indptr[r + 1]
@@ -250,12 +270,15 @@ def _augmented(rows: list[tuple[str, np.ndarray, np.ndarray]],
                    image_path=str(images_dir / file_name))
 
 
-def _read_legacy_file(path: str, num_classes: int) -> Iterator[_Pending]:
+def _read_legacy_file(path: str, hierarchy: hierarchy_lib.Hierarchy,
+                      pairs: Any, close: bool = True) -> Iterator[_Pending]:
   """Records of the original format (§5) as sparse-labelled items.
 
-  The original records already hold augmented labels, so they are kept
-  exactly: the non-zero entries of the dense vector (-1 included).
+  Their labels are the non-zero entries of the dense vector (-1 included),
+  as the original wrote them from its (unclosed) lists: closed like a
+  manual config's unless `close` is False.
   """
+  num_classes = hierarchy.num_classes
   import tensorflow as tf  # Only legacy builds need the TFRecord reader.
   name = epath.Path(path).name
   for i, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
@@ -274,9 +297,12 @@ def _read_legacy_file(path: str, num_classes: int) -> Iterator[_Pending]:
                        f"has {num_classes} classes")
     dense = np.frombuffer(label, "<f4")
     indices = np.flatnonzero(dense).astype(np.int32)
+    confidences = dense[indices].astype(np.float32)
+    if close:
+      indices, confidences = closure.augment(hierarchy, indices, confidences,
+                                             pairs)
     yield _Pending(key=f"{name}/{i:09d}", file_name=file_name, source="legacy",
-                   labels=indices, confidences=dense[indices].astype(np.float32),
-                   image_bytes=image)
+                   labels=indices, confidences=confidences, image_bytes=image)
 
 
 # ---- finishing items, counting the bad ones ----------------------------------
@@ -394,6 +420,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       metadata = hierarchy.to_json_metadata()
     else:  # Known once the manual directory's hierarchy is read.
       label, metadata = tfds.features.ClassLabel(), {}
+    metadata["label_closure"] = self.builder_config.label_closure
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3),
@@ -422,16 +449,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
               for split, n in sizes.items()}
     manual_dir = dl_manager.manual_dir
     hierarchy = self._read_hierarchy(manual_dir)
-    if config.kind == "legacy":
-      units = self._legacy_files(manual_dir)
-      return {split: self._generate_examples(
-          split=split, legacy_files=units[split], hierarchy=hierarchy)
-              for split in SPLITS}
-    chunks = self._list_chunks(manual_dir)
     pairs_path = manual_dir / PAIRS_FILE
     pairs = (cooccurrence.load_cooccurrence_pairs(pairs_path,
                                                   hierarchy.num_classes)
-             if pairs_path.exists() else None)
+             if pairs_path.exists() and config.label_closure == "closed"
+             else None)
+    if config.kind == "legacy":
+      units = self._legacy_files(manual_dir)
+      return {split: self._generate_examples(
+          split=split, legacy_files=units[split], hierarchy=hierarchy,
+          pairs=pairs) for split in SPLITS}
+    chunks = self._list_chunks(manual_dir)
     return {split: self._generate_examples(
         split=split, chunks=chunks[split], hierarchy=hierarchy, pairs=pairs)
             for split in SPLITS}
@@ -496,13 +524,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """A generator, or a Beam PTransform when the build runs on Beam."""
     if self.builder_config.kind == "synthetic":
       return self._generate_synthetic(split, num_examples)
+    close = self.builder_config.label_closure == "closed"
     if legacy_files is not None:
       units = legacy_files
-      expand = functools.partial(_read_legacy_file,
-                                 num_classes=hierarchy.num_classes)
+      expand = functools.partial(_read_legacy_file, hierarchy=hierarchy,
+                                 pairs=pairs, close=close)
     else:
       units = chunks
-      expand = functools.partial(_parse_chunk, hierarchy=hierarchy, pairs=pairs)
+      expand = functools.partial(_parse_chunk, hierarchy=hierarchy, pairs=pairs,
+                                 close=close)
     if self._use_beam:
       return (beam.Create(units)
               | "Expand" >> beam.FlatMap(expand)
@@ -521,9 +551,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                           ) -> Iterator[tuple[str, dict]]:
     config = self.builder_config
     hierarchy = synthetic.synthetic_hierarchy()
-    for ex in synthetic.generate_split(hierarchy, split, num_examples,
-                                       image_size=config.image_size,
-                                       seed=config.seed):
+    for ex in synthetic.generate_split(
+        hierarchy, split, num_examples, image_size=config.image_size,
+        seed=config.seed, close=config.label_closure == "closed"):
       yield ex.key, {"image": ex.jpeg, "file_name": f"{ex.key}.jpg",
                      "source": "synthetic", "labels": ex.labels,
                      "confidences": ex.confidences}

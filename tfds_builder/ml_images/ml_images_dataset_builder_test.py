@@ -25,6 +25,7 @@ from mlimages_jax.data import annotations
 from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
 from mlimages_jax.data import synthetic
+from mlimages_jax.inputs import pipeline
 from tfds_builder.ml_images import create_dummy_data as dummy
 from tfds_builder.ml_images import ml_images_dataset_builder as mib
 
@@ -172,10 +173,42 @@ def test_local_build_converts_keeps_and_skips(manual_dir, tmp_path):
   assert builder.info.features["labels"].feature.names == list(hierarchy.wnids)
   # A reader needs nothing but the data dir: hierarchy and names come back.
   reloaded = tfds.builder_from_directory(builder.data_dir)
+  assert reloaded.info.metadata["label_closure"] == "closed"
   assert reloaded.info.metadata["names"] == list(hierarchy.names)
   assert reloaded.info.features["labels"].feature.names == list(
       hierarchy.wnids)
   assert reloaded.info.splits["train"].num_examples == 6
+
+
+def test_as_given_keeps_the_listed_labels_and_says_so(manual_dir, tmp_path):
+  """`label_closure="as_given"`: each line's labels exactly (sorted, a
+  repeated class at its highest confidence), no ancestors, no co-occurrence
+  pairs; the choice is in the metadata the training loop reads."""
+  builder = _build(manual_dir, tmp_path, _lenient(label_closure="as_given"))
+  list_path = manual_dir / "openimages/train/im_list.txt"
+  hierarchy = dummy.dummy_hierarchy()
+  closed = _expected_labels(list_path, hierarchy)
+  train = _examples(builder, "train")
+  grew = 0
+  for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+    name, indices, confidences = annotations.parse_line(
+        line, source=str(list_path), lineno=lineno)
+    if name not in train:  # Skipped: missing or undecodable image.
+      continue
+    listed = {}
+    for i, c in zip(indices.tolist(), confidences.tolist()):
+      listed[i] = max(c, listed.get(i, -np.inf))
+    ex = train[name]
+    assert ex["labels"].tolist() == sorted(listed)
+    np.testing.assert_array_equal(ex["confidences"],
+                                  np.float32([listed[i] for i in
+                                              sorted(listed)]))
+    grew += len(closed[name][0]) > len(listed)
+  assert grew  # Closure would have added ancestors.
+  assert builder.info.metadata["label_closure"] == "as_given"
+  # What the training loop reads (by name, from the data dir).
+  info = pipeline.dataset_info("ml_images/openimages_lenient", str(tmp_path))
+  assert info.label_closure == "as_given"
 
 
 def test_too_many_bad_images_fails_and_leaves_nothing(manual_dir, tmp_path):
@@ -276,6 +309,8 @@ def test_bad_custom_configs_are_rejected():
     mib.MlImagesConfig(name="x", parts=["flickr"])
   with pytest.raises(ValueError, match="max_bad_fraction must be in"):
     mib.MlImagesConfig(name="x", max_bad_fraction=5)
+  with pytest.raises(ValueError, match="label_closure must be one of"):
+    mib.MlImagesConfig(name="x", label_closure="open")
 
 
 # ---- the original project's files ---------------------------------------------
@@ -309,30 +344,46 @@ def test_real_photos_are_stored_byte_for_byte(shared_dir, real_hierarchy_path,
   assert len(builder.info.metadata["wnids"]) == 11166
 
 
-def test_legacy_yields_exactly_the_original_label_vectors(
+def test_legacy_closes_or_keeps_the_original_label_vectors(
     shared_dir, real_hierarchy_path, tmp_path):
+  """The original's TFRecords hold its unclosed list labels: `legacy`
+  closes them like every config, `as_given` keeps them exactly."""
   root = tmp_path / "manual"
   records = sorted((shared_dir / "tfrecords").glob("*.tfrecords"))
   for split, record in zip(("train", "validation"), records):
     (root / "tfrecords" / split).mkdir(parents=True)
     shutil.copy(record, root / "tfrecords" / split / record.name)
   shutil.copy(real_hierarchy_path, root / mib.HIERARCHY_FILE)
-  builder = _build(root, tmp_path / "data", "legacy")
+  hierarchy = hierarchy_lib.Hierarchy.from_file(real_hierarchy_path)
+  closed = _build(root, tmp_path / "closed", "legacy")
+  as_given = _build(root, tmp_path / "as_given", mib.MlImagesConfig(
+      name="legacy_as_given", kind="legacy", parts=(),
+      label_closure="as_given"))
+  grew = 0
   for split, record in zip(("train", "validation"), records):
-    examples = list(tfds.as_numpy(builder.as_dataset(
-        split=split, shuffle_files=False, decoders=_RAW_IMAGE)))
     originals = [tf.train.Example.FromString(r.numpy()).features.feature
                  for r in tf.data.TFRecordDataset(str(record))]
-    assert len(examples) == len(originals) == 2
-    by_name = {ex["file_name"].decode(): ex for ex in examples}
+    built = [{ex["file_name"].decode(): ex for ex in tfds.as_numpy(
+        builder.as_dataset(split=split, decoders=_RAW_IMAGE))}
+             for builder in (closed, as_given)]
+    assert len(originals) == len(built[0]) == len(built[1]) == 2
     for original in originals:
-      ex = by_name[original["name"].bytes_list.value[0].decode()]
+      name = original["name"].bytes_list.value[0].decode()
       dense = np.frombuffer(original["label"].bytes_list.value[0], "<f4")
+      ex = built[1][name]
       rebuilt = np.zeros(11166, np.float32)
       rebuilt[ex["labels"]] = ex["confidences"]
       np.testing.assert_array_equal(rebuilt, dense)
       assert ex["source"] == b"legacy"
       assert ex["image"] == original["image"].bytes_list.value[0]
+      indices = np.flatnonzero(dense)
+      want = closure.augment(hierarchy, indices, dense[indices])
+      np.testing.assert_array_equal(built[0][name]["labels"], want[0])
+      np.testing.assert_array_equal(built[0][name]["confidences"], want[1])
+      grew += len(want[0]) > len(indices)
+  assert grew
+  assert closed.info.metadata["label_closure"] == "closed"
+  assert as_given.info.metadata["label_closure"] == "as_given"
 
 
 # ---- the documented commands ---------------------------------------------------
@@ -340,11 +391,14 @@ def test_legacy_yields_exactly_the_original_label_vectors(
 
 @pytest.mark.slow
 def test_tfds_build_commands(tmp_path):
-  """The two `tfds build` commands of the README, as a user runs them."""
+  """The `tfds build` commands of the README, as a user runs them."""
   tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
   data_dir = tmp_path / "data"
+  as_given = ('--config={"name": "openimages_as_given", "parts": '
+              '["openimages"], "label_closure": "as_given"}')
   for args in (["--config=synthetic"],
-               ["--config=openimages", f"--manual_dir={dummy.DUMMY_DATA}"]):
+               ["--config=openimages", f"--manual_dir={dummy.DUMMY_DATA}"],
+               [as_given, f"--manual_dir={dummy.DUMMY_DATA}"]):
     subprocess.run([str(tfds_cli), "build", "tfds_builder/ml_images", *args,
                     f"--data_dir={data_dir}"], cwd=REPO_ROOT, check=True,
                    capture_output=True)
@@ -355,3 +409,9 @@ def test_tfds_build_commands(tmp_path):
   assert first["image"].shape == (64, 64, 3)
   built = tfds.builder("ml_images/openimages", data_dir=str(data_dir))
   assert built.info.splits["train"].num_examples == 4
+  assert built.info.metadata["label_closure"] == "closed"
+  kept = tfds.builder("ml_images/openimages_as_given", data_dir=str(data_dir))
+  assert kept.info.metadata["label_closure"] == "as_given"
+  sizes = [sum(len(ex["labels"]) for ex in tfds.as_numpy(
+      builder.as_dataset(split="train"))) for builder in (built, kept)]
+  assert sizes[0] > sizes[1]  # Closure added ancestors.
