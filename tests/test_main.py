@@ -167,3 +167,79 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_dir, env,
   def summary(workdir):
     return [(l["step"], l.get("loss"), l.get("mAP")) for l in _lines(workdir)]
   assert summary(resumed) == summary(reference)
+
+
+def _signal_when(command: list[str], env: dict[str, str], trigger: str,
+                 signum: int = signal.SIGTERM
+                 ) -> tuple[int, str, float]:
+  """Runs `command`, sends `signum` once a log line contains `trigger`;
+  returns the exit code, the log and the seconds from the signal to exit."""
+  process = subprocess.Popen(command, env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  lines, sent = [], None
+  for line in process.stderr:
+    lines.append(line)
+    if sent is None and trigger in line:
+      process.send_signal(signum)
+      sent = time.perf_counter()
+  process.wait(timeout=600)
+  assert sent is not None, "".join(lines)[-3000:]
+  return process.returncode, "".join(lines), time.perf_counter() - sent
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
+                                                       env, smoke_run):
+  """SIGTERM during an evaluation, then SIGINT during a checkpoint save: each
+  run saves the first step boundary after its signal, exits with 75 within
+  seconds, and the same command finishes where an uninterrupted run does."""
+  overrides = ("--config.num_train_steps=8", "--config.eval_every_steps=2",
+               "--config.checkpoint_every_steps=2")
+  reference = tmp_path / "reference"
+  result = _run(_command(reference, data_dir, *overrides), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = tmp_path / "preempted"
+  command = _command(workdir, data_dir, *overrides)
+
+  # The evaluation at step 2 runs after step 2's boundary: step 3 is saved.
+  code, log, seconds = _signal_when(command, env, "step 2: evaluating")
+  assert code == 75, log[-3000:]
+  assert "SIGTERM received after the boundary of step 2;" in log
+  assert "Preempted: stopped at step 3" in log
+  assert _checkpoint_steps(workdir) == [2, 3]
+  assert seconds < 15  # Measured: ~1 s (the evaluation, a step, the save).
+  evaluations = [l["step"] for l in _lines(workdir) if "mAP" in l]
+  assert evaluations == [2]  # The interrupted evaluation completed.
+
+  # Step 4's checkpoint is handed to Orbax after step 5 is dispatched, just
+  # before step 5's boundary: the signal lands during that save or just
+  # after, and the run stops at the boundary after it (5 or 6).
+  code, log, seconds = _signal_when(command, env, "step 4: saving",
+                                    signal.SIGINT)
+  assert code == 75, log[-3000:]
+  assert "Resumed from step 3 of 8" in log
+  passed = int(log.split("SIGINT received after the boundary of step ")[1]
+               .split(";")[0])
+  stopped = int(log.split("Preempted: stopped at step ")[1].split()[0])
+  assert passed in (4, 5) and stopped == passed + 1
+  assert _checkpoint_steps(workdir)[-2:] == [4, stopped]
+  assert seconds < 15
+
+  result = _run(command, env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from step {stopped} of 8" in result.stderr
+  want, got = _state_tree(reference, 8), _state_tree(workdir, 8)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  # The same log, plus the losses reported at the two stops.
+  def summary(workdir):
+    return [(l["step"], l.get("loss"), l.get("mAP")) for l in _lines(workdir)]
+  assert [l for l in summary(workdir) if l[0] not in (3, stopped)] == [
+      l for l in summary(reference) if l[0] not in (3, stopped)]

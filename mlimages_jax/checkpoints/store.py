@@ -10,6 +10,12 @@ with three items:
 - ``input_iterator``: one file per process with that process's input iterator
   state, so a resumed run reads exactly the batches an uninterrupted run would.
 
+A run resumes from the newest checkpoint that restores: one that does not
+(a save that never finished, unreadable metadata or arrays) is logged and
+moved, never deleted, to ``<workdir>/checkpoints_bad/<step>-<reason>``. A
+checkpoint of another model or optimizer is not damaged but the wrong one: it
+stops the run with the reason instead.
+
 An inference checkpoint (``save_inference_checkpoint``, used by the TF
 checkpoint converter) is a directory with ``mlimages_metadata.json`` and an
 Orbax pytree ``variables`` holding only ``params`` and ``batch_stats``.
@@ -18,7 +24,9 @@ Orbax pytree ``variables`` holding only ``params`` and ``batch_stats``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -31,9 +39,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 FORMAT = "mlimages-jax"
 CHECKPOINT_DIR = "checkpoints"
+BAD_CHECKPOINT_DIR = "checkpoints_bad"
 INFERENCE_METADATA_FILE = "mlimages_metadata.json"
 _STATE = "state"
 _METADATA = "metadata"
@@ -44,6 +54,11 @@ _LABEL_MODES = ("multi", "single")
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed or does not fit the current run."""
+
+
+# What reading a damaged checkpoint raises: missing files (OSError), JSON,
+# TensorStore and Orbax errors (ValueError), missing entries (KeyError).
+_DAMAGE = (OSError, ValueError, KeyError)
 
 
 def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
@@ -174,22 +189,38 @@ def _to_host(tree: Any) -> Any:
 
 
 class TrainCheckpointer:
-  """Orbax CheckpointManager for one training run (asynchronous, keep K)."""
+  """Orbax CheckpointManager for one training run (asynchronous, keep K).
+
+  Every process opens it; process 0 moves damaged checkpoints aside, the
+  others wait for it (the workdir is shared).
+  """
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
                async_save: bool = True):
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.bad_directory = epath.Path(workdir) / BAD_CHECKPOINT_DIR
+    self._saving: int | None = None  # The step of the save in flight.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            # Unfinished saves are moved aside below, not deleted.
+            cleanup_tmp_directories=False),
         item_handlers={
             _STATE: ocp.StandardCheckpointHandler(),
             _METADATA: ocp.JsonCheckpointHandler(),
             _INPUT: IteratorStateHandler(),
         })
+    finished = {str(step) for step in self._manager.all_steps()}
+    unfinished = [p for p in self.directory.iterdir()
+                  if p.name[:1].isdigit() and p.name not in finished]
+    for path in sorted(unfinished, key=lambda p: p.name):
+      step = int("".join(itertools.takewhile(str.isdigit, path.name)))
+      self._move_aside(path, step, "unfinished-save",
+                       "the save never finished (the process was killed or "
+                       "the disk filled up while writing it)")
+    _sync_processes("mlimages_unfinished_checkpoints")
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -212,12 +243,15 @@ class TrainCheckpointer:
     }
     if iterator_state is not None:
       items[_INPUT] = IteratorStateSave(iterator_state)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._save_errors():
+      self._saving = step
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, target: Any) -> tuple[Any, bytes | None]:
-    """Restores the state into `target`'s structure, plus this process's
-    input iterator state (None when the checkpoint has none)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(target))
+    """Restores the state into `target`'s structure (arrays or their
+    ``jax.ShapeDtypeStruct``), plus this process's input iterator state
+    (None when the checkpoint has none)."""
+    abstract = _abstract(target)
     items = {_STATE: ocp.args.StandardRestore(abstract)}
     has_input = (self.directory / str(step) / _INPUT).exists()
     if has_input:
@@ -226,11 +260,127 @@ class TrainCheckpointer:
     state = jax.tree.map(np.asarray, restored[_STATE])
     return state, (restored[_INPUT] if has_input else None)
 
+  def restore_newest(self, target: Any, expected: Mapping[str, Any]
+                     ) -> tuple[int, Any, bytes | None] | None:
+    """``(step, state, input position)`` of the newest checkpoint that
+    restores, or None when there is none.
+
+    A checkpoint that does not restore, on any process, is moved aside and
+    the next older one tried. One that restores but belongs to another run
+    (`check_compatible`, or different array shapes: another model or
+    optimizer) raises CheckpointError: that is the wrong workdir or config,
+    not damage.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      source = self.directory / str(step)
+      restored, problem = None, None
+      try:
+        metadata = self.metadata(step)
+      except (CheckpointError, *_DAMAGE) as e:
+        problem = ("bad-metadata", e)
+      else:
+        check_compatible(metadata, expected, str(source))
+        problem = self._check_shapes(step, target)
+      if problem is None:
+        try:
+          restored = self.restore(step, target)
+        except _DAMAGE as e:
+          problem = ("bad-arrays", e)
+      if not _any_process(problem is not None):
+        return step, *restored
+      reason, error = problem or ("bad-on-another-process",
+                                  "another process could not restore it")
+      self._move_aside(source, step, reason, _first_line(error))
+      _sync_processes(f"mlimages_bad_checkpoint_{step}")
+      self._manager.reload()
+    return None
+
+  def _check_shapes(self, step: int, target: Any
+                    ) -> tuple[str, BaseException] | None:
+    """A damage problem, or None; raises CheckpointError on another run's
+    arrays (the same leaves, shapes and dtypes are required)."""
+    path = self.directory / str(step) / _STATE
+    try:
+      got = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    except _DAMAGE as e:
+      return ("bad-array-metadata", e)
+    want = _shapes(_abstract(target))
+    if got != want:
+      raise CheckpointError(
+          f"{path} was written by an incompatible run: it holds "
+          f"{len(got)} arrays, this config's train state {len(want)} "
+          f"(first difference: {sorted(set(got) ^ set(want))[:1]}); another "
+          "model or optimizer? Use a new --workdir, or move that checkpoint "
+          "directory away to start over.")
+    return None
+
+  def _move_aside(self, path: epath.Path, step: int, reason: str,
+                  why: str) -> None:
+    """Process 0 renames `path` into the bad-checkpoint directory."""
+    target = self.bad_directory / f"{step}-{reason}"
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = self.bad_directory / f"{step}-{reason}-{suffix}"
+    logging.warning("Checkpoint step %d (%s) cannot be used: %s. Moved to %s "
+                    "(nothing is deleted); trying the next older one.", step,
+                    path, why, target)
+    if jax.process_index() == 0:
+      self.bad_directory.mkdir(parents=True, exist_ok=True)
+      path.rename(target)
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Turns a failed write (full disk, read-only workdir) into a clear
+    CheckpointError; Orbax writes into a temporary directory and deletes
+    old checkpoints only after a save completes, so older ones stay intact.
+    """
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      # Orbax re-raises a failed asynchronous save at the next call.
+      older = [s for s in self._manager.all_steps() if s != self._saving]
+      raise CheckpointError(
+          f"Could not write checkpoint step {self._saving} to "
+          f"{self.directory}: {_first_line(e)}. Older checkpoints are intact "
+          f"(steps {older}); once there is space (or the workdir is writable) "
+          f"the same command resumes from step {max(older, default=0)}."
+      ) from e
+
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._save_errors():
+      self._manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                      tree)
+
+
+def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  return sorted((tuple(x.shape), str(np.dtype(x.dtype)))
+                for x in jax.tree.leaves(tree))
+
+
+def _first_line(error: BaseException | str) -> str:
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0][:500]
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process must call)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------
