@@ -285,7 +285,7 @@ class TrainCheckpointer:
         try:
           restored = self.restore(step, target)
         except _DAMAGE as e:
-          problem = ("bad-arrays", e)
+          problem = ("bad-state", e)
       if not _any_process(problem is not None):
         return step, *restored
       reason, error = problem or ("bad-on-another-process",
@@ -303,7 +303,7 @@ class TrainCheckpointer:
     try:
       got = _shapes(ocp.StandardCheckpointHandler().metadata(path))
     except _DAMAGE as e:
-      return ("bad-array-metadata", e)
+      return ("bad-state", e)
     want = _shapes(_abstract(target))
     if got != want:
       raise CheckpointError(
@@ -395,7 +395,11 @@ def _numpy_restore_args(metadata_tree: Any) -> Any:
 def _restore_subtrees(path: epath.Path, keys: Sequence[str]) -> dict[str, Any]:
   """Restores the top-level `keys` of a pytree checkpoint as NumPy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
-  tree_metadata = checkpointer.metadata(path).item_metadata.tree
+  item_metadata = checkpointer.metadata(path).item_metadata
+  if item_metadata is None:  # Orbax only logs what it could not read.
+    raise CheckpointError(f"{path}: its array metadata is missing or "
+                          "unreadable")
+  tree_metadata = item_metadata.tree
   missing = [k for k in keys if k not in tree_metadata]
   if missing:
     raise CheckpointError(f"{path}: no {missing} in the checkpoint")
@@ -407,12 +411,13 @@ def _restore_subtrees(path: epath.Path, keys: Sequence[str]) -> dict[str, Any]:
   return {k: restored[k] for k in keys}
 
 
-def _resolve_training_step_dir(path: epath.Path) -> epath.Path:
-  """A workdir, its checkpoints dir, or a step dir -> the step dir to read."""
+def _training_step_dirs(path: epath.Path) -> list[epath.Path]:
+  """A workdir, its checkpoints dir, or a step dir -> the step dirs to try,
+  newest first (a step dir: only itself)."""
   if (path / CHECKPOINT_DIR).is_dir():
     path = path / CHECKPOINT_DIR
   if (path / _STATE).is_dir():
-    return path
+    return [path]
   steps = [int(p.name) for p in path.iterdir()
            if p.is_dir() and p.name.isdigit() and (p / _STATE).is_dir()]
   if not steps:
@@ -420,7 +425,23 @@ def _resolve_training_step_dir(path: epath.Path) -> epath.Path:
         f"{path}: no checkpoint here (expected a workdir, its "
         f"'{CHECKPOINT_DIR}' directory, a step directory or an inference "
         f"checkpoint with {INFERENCE_METADATA_FILE})")
-  return path / str(max(steps))
+  return [path / str(step) for step in sorted(steps, reverse=True)]
+
+
+def _load_step_dir(step_dir: epath.Path
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  metadata_path = step_dir / _METADATA / "metadata"
+  if not metadata_path.exists():
+    raise CheckpointError(f"{step_dir}: the checkpoint has no metadata")
+  try:
+    metadata = json.loads(metadata_path.read_text())
+    validate_metadata(metadata, str(metadata_path))
+    variables = _restore_subtrees(step_dir / _STATE, ("params", "batch_stats"))
+  except _DAMAGE as e:
+    raise CheckpointError(
+        f"{step_dir}: cannot be restored ({type(e).__name__}: "
+        f"{_first_line(e)})") from e
+  return variables, metadata
 
 
 def load_for_inference(path: str | os.PathLike
@@ -428,8 +449,11 @@ def load_for_inference(path: str | os.PathLike
   """Loads ``({"params", "batch_stats"}, metadata)`` as NumPy arrays.
 
   `path` is a training workdir, its checkpoints directory, one step's
-  directory (the latest step is used when several exist), or an inference
-  checkpoint written by `save_inference_checkpoint`.
+  directory, or an inference checkpoint written by
+  `save_inference_checkpoint`. Of a workdir the newest step that restores
+  is used (each one skipped is logged with the reason; nothing is moved);
+  ``metadata["step"]`` says which. A step directory that does not restore
+  raises CheckpointError with the reason.
   """
   # Orbax needs absolute paths; remote ones (gs://...) already are.
   path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
@@ -441,14 +465,14 @@ def load_for_inference(path: str | os.PathLike
     validate_metadata(metadata, str(metadata_path))
     variables = _restore_subtrees(path / _VARIABLES, ("params", "batch_stats"))
     return variables, metadata
-  step_dir = _resolve_training_step_dir(path)
-  metadata_path = step_dir / _METADATA / "metadata"
-  if not metadata_path.exists():
-    raise CheckpointError(f"{step_dir}: the checkpoint has no metadata")
-  metadata = json.loads(metadata_path.read_text())
-  validate_metadata(metadata, str(metadata_path))
-  variables = _restore_subtrees(step_dir / _STATE, ("params", "batch_stats"))
-  return variables, metadata
+  candidates = _training_step_dirs(path)
+  for step_dir in candidates[:-1]:
+    try:
+      return _load_step_dir(step_dir)
+    except CheckpointError as e:
+      logging.warning("Skipping checkpoint %s: %s; trying the next older "
+                      "one.", step_dir, e)
+  return _load_step_dir(candidates[-1])
 
 
 def save_inference_checkpoint(path: str | os.PathLike,
