@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import signal
 import subprocess
 import sys
@@ -213,7 +214,10 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   assert "SIGTERM received after the boundary of step 2;" in log
   assert "Preempted: stopped at step 3" in log
   assert _checkpoint_steps(workdir) == [2, 3]
-  assert seconds < 15  # Measured: ~1 s (the evaluation, a step, the save).
+  # The rest of the evaluation (here its compilation), a step, the save and
+  # the exit: ~2 s on an idle 2-core machine, 18 s on a loaded one. The
+  # bound catches a hang; the saved steps catch a late stop.
+  assert seconds < 60
   evaluations = [l["step"] for l in _lines(workdir) if "mAP" in l]
   assert evaluations == [2]  # The interrupted evaluation completed.
 
@@ -229,7 +233,7 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   stopped = int(log.split("Preempted: stopped at step ")[1].split()[0])
   assert passed in (4, 5) and stopped == passed + 1
   assert _checkpoint_steps(workdir)[-2:] == [4, stopped]
-  assert seconds < 15
+  assert seconds < 60
 
   result = _run(command, env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -243,3 +247,47 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
     return [(l["step"], l.get("loss"), l.get("mAP")) for l in _lines(workdir)]
   assert [l for l in summary(workdir) if l[0] not in (3, stopped)] == [
       l for l in summary(reference) if l[0] not in (3, stopped)]
+
+
+# The smoke model's largest array file is ~530 KB, everything else a run
+# writes (logs, metadata, the other array files) stays below 110 KB.
+FILE_SIZE_LIMIT = 250_000
+
+
+def _limit_file_size() -> None:
+  resource.setrlimit(resource.RLIMIT_FSIZE,
+                     (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_keeps_older_checkpoints(tmp_path, data_dir,
+                                                         env, smoke_run):
+  """A save that cannot be written (here: a file size limit, as a full disk
+  or a quota fails the write; no root needed) stops the run with a clear
+  error; checkpoint 3 stays intact and the same command resumes from it
+  once writes succeed, ending where an uninterrupted run ends."""
+  workdir = tmp_path / "work"
+  result = _run(_command(workdir, data_dir, "--config.num_train_steps=3"), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  full = subprocess.run(_command(workdir, data_dir), env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        preexec_fn=_limit_file_size)
+  assert full.returncode == 1, full.stderr[-3000:]
+  assert (f"error: Could not write checkpoint step 6 to "
+          f"{workdir / 'checkpoints'}: ") in full.stderr
+  assert "File too large" in full.stderr
+  assert ("Older checkpoints are intact (steps [3]); once there is space (or "
+          "the workdir is writable) the same command resumes from step 3."
+          ) in full.stderr
+  assert _checkpoint_steps(workdir) == [3]
+  _state_tree(workdir, 3)  # Restores.
+
+  result = _run(_command(workdir, data_dir), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from step 3 of 6" in result.stderr
+  assert "the save never finished" in result.stderr
+  assert [p.name for p in (workdir / "checkpoints_bad").iterdir()] == [
+      "6-unfinished-save"]
+  want, got = _state_tree(smoke_run, 6), _state_tree(workdir, 6)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)

@@ -323,8 +323,7 @@ class TrainCheckpointer:
       suffix += 1
       target = self.bad_directory / f"{step}-{reason}-{suffix}"
     logging.warning("Checkpoint step %d (%s) cannot be used: %s. Moved to %s "
-                    "(nothing is deleted); trying the next older one.", step,
-                    path, why, target)
+                    "(nothing is deleted).", step, path, why, target)
     if jax.process_index() == 0:
       self.bad_directory.mkdir(parents=True, exist_ok=True)
       path.rename(target)
