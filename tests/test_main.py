@@ -199,14 +199,12 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
                                                        env, smoke_run):
   """SIGTERM during an evaluation, then SIGINT during a checkpoint save: each
   run saves the first step boundary after its signal, exits with 75 within
-  seconds, and the same command finishes where an uninterrupted run does."""
-  overrides = ("--config.num_train_steps=8", "--config.eval_every_steps=2",
-               "--config.checkpoint_every_steps=2")
-  reference = tmp_path / "reference"
-  result = _run(_command(reference, data_dir, *overrides), env)
-  assert result.returncode == 0, result.stderr[-3000:]
+  seconds, and the same command resumes to the state of an uninterrupted
+  run (the smoke run's step 6: the schedule does not depend on the length)."""
   workdir = tmp_path / "preempted"
-  command = _command(workdir, data_dir, *overrides)
+  command = _command(workdir, data_dir, "--config.num_train_steps=8",
+                     "--config.eval_every_steps=2",
+                     "--config.checkpoint_every_steps=2")
 
   # The evaluation at step 2 runs after step 2's boundary: step 3 is saved.
   code, log, seconds = _signal_when(command, env, "step 2: evaluating")
@@ -238,19 +236,16 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   result = _run(command, env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from step {stopped} of 8" in result.stderr
-  want, got = _state_tree(reference, 8), _state_tree(workdir, 8)
+  want, got = _state_tree(smoke_run, 6), _state_tree(workdir, 6)
   assert jax.tree.structure(want) == jax.tree.structure(got)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
-  # The same evaluations; training lines also at the two stops (so the
-  # next line averages fewer steps).
-  def evaluations(workdir):
-    return [(l["step"], l["mAP"]) for l in _lines(workdir) if "mAP" in l]
-  def reports(workdir):
-    return [l["step"] for l in _lines(workdir) if "loss" in l]
-  assert evaluations(workdir) == evaluations(reference)
-  assert [s for s, _ in evaluations(reference)] == [2, 4, 6, 8]
-  assert reports(workdir) == sorted({*reports(reference), 3, stopped})
+  # Every evaluation once (a stop at an evaluation step evaluates first);
+  # training lines also at the two stops.
+  lines = _lines(workdir)
+  assert [l["step"] for l in lines if "mAP" in l] == [2, 4, 6, 8]
+  assert [l["step"] for l in lines if "loss" in l] == sorted(
+      {2, 4, 6, 8, 3, stopped})
 
 
 # The smoke model's largest array file is ~530 KB, everything else a run

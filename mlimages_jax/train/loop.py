@@ -84,12 +84,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = create_model(config, info.num_classes)
   learning_rate_fn = schedule.create_learning_rate_fn(config)
   tx = optimizer.create_optimizer(config, learning_rate_fn)
-  rng = jax.random.PRNGKey(config.seed)
+  def fresh_state() -> TrainState:
+    return create_train_state(jax.random.PRNGKey(config.seed), model,
+                              config.image_size, tx)
+
   # The newest checkpoint that restores (damaged ones are moved aside; one
   # of another model stops the run here, before any compilation).
-  resumed = checkpointer.restore_newest(
-      jax.eval_shape(lambda: create_train_state(rng, model, config.image_size,
-                                                tx)), metadata)
+  resumed = checkpointer.restore_newest(jax.eval_shape(fresh_state), metadata)
   start_step = resumed[0] if resumed else 0
   if (schedule.image_size_at(config, start_step + 1)
       != schedule.image_size_at(config, 1)):
@@ -115,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if config.init_checkpoint:
       backbone = finetune.load_backbone(config.init_checkpoint, config,
                                         _abstract_variables(model, config))
-    state = create_train_state(rng, model, config.image_size, tx)
+    state = fresh_state()
     if backbone is not None:
       state = finetune.with_backbone(state, *backbone)
       logging.info("Initialised all but the %r head from %s.", finetune.HEAD,
@@ -201,12 +202,15 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       # Copied now: the next step reuses (donates) the state's memory.
       to_save = (step, distributed.unreplicate(state), metadata,
                  batches.get_state())
-    if stop:
+    if stop:  # No next step: the save starts now, during an evaluation.
       logging.warning("step %d: stopping (signal); saving its checkpoint.",
                       step)
-      break
+      _save(checkpointer, to_save)
+      to_save = None
     if is_eval and step != total_steps:
       _evaluate(evaluator, state, log, step)
+    if stop:
+      break
   if to_save:
     _save(checkpointer, to_save)
   return state, step if stop else None
