@@ -84,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = create_model(config, info.num_classes)
   learning_rate_fn = schedule.create_learning_rate_fn(config)
   tx = optimizer.create_optimizer(config, learning_rate_fn)
+
   def fresh_state() -> TrainState:
     return create_train_state(jax.random.PRNGKey(config.seed), model,
                               config.image_size, tx)

@@ -83,7 +83,8 @@ class Watcher:
       return None
     return time.monotonic() - self.signal_time
 
-  def _handle(self, signum: int, frame) -> None:
+  def handle(self, signum: int, frame) -> None:
+    """The signal handler (main thread)."""
     del frame
     self.signal_time = time.monotonic()
     name = signal.Signals(signum).name
@@ -102,7 +103,7 @@ def watch(start_step: int) -> Iterator[Watcher]:
   watcher = Watcher(start_step)
   # With several processes the preemption service owns SIGTERM.
   signals = ((signal.SIGINT,) if jax.process_count() > 1 else SIGNALS)
-  previous = {s: signal.signal(s, watcher._handle) for s in signals}  # pylint: disable=protected-access
+  previous = {s: signal.signal(s, watcher.handle) for s in signals}
   try:
     yield watcher
   finally:
