@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -407,7 +408,7 @@ def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
   seconds = time.perf_counter() - sent
   logs = ["".join(lines), log_1.read_text()]
   assert [first.returncode, second.returncode] == [75, 75], logs[1][-3000:]
-  stopped = [int(log.split("Preempted: stopped at step ")[1].split()[0])
+  stopped = [int(re.search(r"Preempted: stopped at step (\d+)", log)[1])
              for log in logs]
   # The service agrees on the boundary after the last one any process had
   # passed when the notice reached it: 3, or later if it came late.
