@@ -1,7 +1,9 @@
 r"""Trains a model from a config: ``python main.py --config=... --workdir=...``.
 
 All logic lives in `mlimages_jax.train.loop`; this file only parses flags, joins
-the multi-process run and turns user errors into a message and exit code 1.
+the multi-process run and turns user errors into a message and exit code 1,
+and a stop on SIGTERM/SIGINT (checkpoint saved) into exit code 75
+(`preemption.EXIT_CODE`): rerun the same command to resume.
 Multi-host: run the same command on every host, adding
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` unless the
 cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) is detected automatically.
@@ -46,6 +48,7 @@ def main(argv: list[str]) -> int:
   from mlimages_jax.train import config_validation
   from mlimages_jax.train import distributed
   from mlimages_jax.train import loop
+  from mlimages_jax.train import preemption
 
   distributed.initialize_distributed(FLAGS.coordinator_address,
                                      FLAGS.num_processes, FLAGS.process_id)
@@ -56,6 +59,10 @@ def main(argv: list[str]) -> int:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    print(e, file=sys.stderr)
+    return preemption.EXIT_CODE
   return 0
 
 

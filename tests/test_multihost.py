@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -289,18 +292,28 @@ def _input_states(workdir: pathlib.Path, step: int) -> list[dict]:
           for i in range(2)]
 
 
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+           XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory, data_dir) -> pathlib.Path:
+  """The smoke config trained by ``main.py`` as 2 processes (6 steps)."""
+  workdir = tmp_path_factory.mktemp("two_processes") / "work"
+  _run_main(workdir, data_dir, ENV, "first")
+  return workdir
+
+
 @pytest.mark.slow
-def test_main_two_processes_train_evaluate_and_resume(tmp_path, data_dir):
+def test_main_two_processes_train_evaluate_and_resume(smoke_workdir,
+                                                      data_dir):
   """The real entry point: train, evaluate and checkpoint as 2 processes, then
   both restart with more steps and resume from the checkpoint."""
   # pylint: disable=g-import-not-at-top
   from mlimages_jax.checkpoints import store
   from mlimages_jax.evaluation import metrics
   from mlimages_jax.train import schedule as schedule_lib
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  workdir = tmp_path / "work"
-  _run_main(workdir, data_dir, env, "first")
+  env, workdir = ENV, smoke_workdir
 
   # Smoke: global batch 16 over 4 devices (8 per process), 6 steps, logs
   # at 2, 3 (checkpoint), 4, 6; one evaluation at the end. Only process 0
@@ -363,6 +376,60 @@ def test_main_two_processes_train_evaluate_and_resume(tmp_path, data_dir):
       metrics.mean_average_precision(scores, labels), abs=1e-6)
   assert abs(metrics.mean_average_precision(*halves[0])
              - second[-1]["mAP"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
+                                                      smoke_workdir):
+  """SIGINT to process 1 during an evaluation: both processes save the same
+  step (with both input positions) and exit with 75; the same command
+  resumes and ends with the train state of the uninterrupted run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir, port = tmp_path / "work", _free_port()
+  command = [sys.executable, str(REPO / "main.py"),
+             f"--config={REPO / 'configs' / 'pretrain.py'}:smoke",
+             f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+             "--config.eval_every_steps=2",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  log_1 = tmp_path / "process_1.log"
+  with log_1.open("w") as log:
+    second = subprocess.Popen(command + ["--process_id=1"], env=ENV,
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  first = subprocess.Popen(command + ["--process_id=0"], env=ENV, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  lines, sent = [], None
+  for line in first.stderr:
+    lines.append(line)
+    if sent is None and "step 2: evaluating" in line:
+      second.send_signal(signal.SIGINT)
+      sent = time.perf_counter()
+  first.wait(timeout=600)
+  second.wait(timeout=600)
+  seconds = time.perf_counter() - sent
+  logs = ["".join(lines), log_1.read_text()]
+  assert [first.returncode, second.returncode] == [75, 75], logs[1][-3000:]
+  stopped = [int(re.search(r"Preempted: stopped at step (\d+)", log)[1])
+             for log in logs]
+  # The service agrees on the boundary after the last one any process had
+  # passed when the notice reached it: 3, or later if it came late.
+  assert stopped[0] == stopped[1] and 3 <= stopped[0] < 6, stopped
+  assert "SIGINT received after the boundary of step" in logs[1]
+  assert seconds < 60  # Measured: ~3 s on an idle 2-core machine.
+  assert [(s["batches"], s["examples"])
+          for s in _input_states(workdir, stopped[0])] == [
+              (stopped[0], 8 * stopped[0])] * 2
+
+  logs = _run_main(workdir, data_dir, ENV, "resumed",
+                   "--config.eval_every_steps=2")
+  assert f"Resumed from step {stopped[0]} of 6" in logs[0]
+  want, got = (ocp.StandardCheckpointer().restore(
+      path / "checkpoints" / "6" / "state") for path in (smoke_workdir,
+                                                         workdir))
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
 
 
 def _evaluated_halves(variables, data_dir: pathlib.Path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -192,3 +193,125 @@ def test_load_for_inference_errors(tmp_path):
   with pytest.raises(store.CheckpointError, match="must be exactly"):
     store.save_inference_checkpoint(
         tmp_path / "x", {"params": {}}, _metadata())
+
+
+# ---------------------------------------------------------------------------
+# Damaged checkpoints: real Orbax checkpoints, then the damage a crash, a
+# full disk or a bad disk leaves.
+
+
+def _saved_run(workdir, steps=(3, 6)) -> None:
+  checkpointer = store.TrainCheckpointer(workdir, keep=5)
+  for step in steps:
+    checkpointer.save(step, _state(step), _metadata(), f"at {step}".encode())
+  checkpointer.close()
+
+
+def _array_files(step_dir):
+  return [p for p in (step_dir / "state").rglob("*")
+          if p.is_file() and p.parent.name == "d"]
+
+
+def _truncate_arrays(step_dir):
+  for path in _array_files(step_dir):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _delete_arrays(step_dir):
+  for path in _array_files(step_dir):
+    path.unlink()
+
+
+def _corrupt_metadata(step_dir):
+  (step_dir / "metadata" / "metadata").write_text('{"format": "mlimages-j')
+
+
+def _corrupt_array_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").write_text("not json")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_truncate_arrays, "bad-state"),
+    (_delete_arrays, "bad-state"),
+    (_corrupt_metadata, "bad-metadata"),
+    (_corrupt_array_metadata, "bad-state"),
+])
+def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog, damage,
+                                                  reason):
+  _saved_run(tmp_path)
+  damage(tmp_path / "checkpoints" / "6")
+  checkpointer = store.TrainCheckpointer(tmp_path)
+  with caplog.at_level("WARNING"):
+    step, restored, position = checkpointer.restore_newest(_state(0),
+                                                           _metadata())
+  checkpointer.close()
+  assert (step, position) == (3, b"at 3")
+  _assert_trees_equal(restored, _state(3))
+  # Moved, not deleted; the log says which and why.
+  assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
+      f"6-{reason}"]
+  assert _checkpoint_dirs(tmp_path) == ["3"]
+  assert f"Checkpoint step 6 ({tmp_path / 'checkpoints' / '6'}) cannot be " \
+      "used" in caplog.text
+  # The tools skip it too (without moving anything) and say which step.
+  _, metadata = store.load_for_inference(tmp_path)
+  assert metadata["step"] == 3
+
+
+def _checkpoint_dirs(workdir) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def test_unfinished_save_is_moved_aside(tmp_path, caplog):
+  """What a killed save leaves: Orbax's temporary step directory."""
+  _saved_run(tmp_path)
+  shutil.copytree(tmp_path / "checkpoints" / "6",
+                  tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
+  _delete_arrays(tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
+  with caplog.at_level("WARNING"):
+    checkpointer = store.TrainCheckpointer(tmp_path)
+  assert "the save never finished" in caplog.text
+  assert checkpointer.latest_step() == 6
+  checkpointer.close()
+  assert _checkpoint_dirs(tmp_path) == ["3", "6"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
+      "9-unfinished-save"]
+
+
+def test_no_restorable_checkpoint_starts_fresh(tmp_path):
+  _saved_run(tmp_path)
+  for step in ("3", "6"):
+    _truncate_arrays(tmp_path / "checkpoints" / step)
+  checkpointer = store.TrainCheckpointer(tmp_path)
+  assert checkpointer.restore_newest(_state(0), _metadata()) is None
+  checkpointer.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
+      "3-bad-state", "6-bad-state"]
+  with pytest.raises(store.CheckpointError, match="no checkpoint here"):
+    store.load_for_inference(tmp_path)
+
+
+def test_another_runs_checkpoint_is_refused_not_moved(tmp_path):
+  """Intact checkpoints of another model or optimizer stop the run: moving
+  them aside would silently restart training from scratch."""
+  _saved_run(tmp_path)
+  other = _state(0).replace(opt_state=())  # Another optimizer's state.
+  checkpointer = store.TrainCheckpointer(tmp_path)
+  with pytest.raises(store.CheckpointError,
+                     match=r"checkpoints/6/state was written by an "
+                     r"incompatible run: it holds \d+ arrays, this config's "
+                     r"train state \d+"):
+    checkpointer.restore_newest(other, _metadata())
+  with pytest.raises(store.CheckpointError, match="model.num_classes"):
+    checkpointer.restore_newest(_state(0), _metadata(num_classes=5))
+  checkpointer.close()
+  assert _checkpoint_dirs(tmp_path) == ["3", "6"]
+  assert not (tmp_path / "checkpoints_bad").exists()
+
+
+def test_damaged_step_directory_is_refused_with_the_reason(tmp_path):
+  _saved_run(tmp_path)
+  _truncate_arrays(tmp_path / "checkpoints" / "6")
+  with pytest.raises(store.CheckpointError,
+                     match=r"checkpoints/6: cannot be restored \("):
+    store.load_for_inference(tmp_path / "checkpoints" / "6")

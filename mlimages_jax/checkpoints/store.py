@@ -10,6 +10,12 @@ with three items:
 - ``input_iterator``: one file per process with that process's input iterator
   state, so a resumed run reads exactly the batches an uninterrupted run would.
 
+A run resumes from the newest checkpoint that restores: one that does not
+(a save that never finished, unreadable metadata or arrays) is logged and
+moved, never deleted, to ``<workdir>/checkpoints_bad/<step>-<reason>``. A
+checkpoint of another model or optimizer is not damaged but the wrong one: it
+stops the run with the reason instead.
+
 An inference checkpoint (``save_inference_checkpoint``, used by the TF
 checkpoint converter) is a directory with ``mlimages_metadata.json`` and an
 Orbax pytree ``variables`` holding only ``params`` and ``batch_stats``.
@@ -18,7 +24,9 @@ Orbax pytree ``variables`` holding only ``params`` and ``batch_stats``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -30,12 +38,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mlimages_jax import fileio
 from mlimages_jax.data.closure import LABEL_CLOSURES
 
 FORMAT = "mlimages-jax"
 CHECKPOINT_DIR = "checkpoints"
+BAD_CHECKPOINT_DIR = "checkpoints_bad"
 INFERENCE_METADATA_FILE = "mlimages_metadata.json"
 _STATE = "state"
 _METADATA = "metadata"
@@ -46,6 +56,11 @@ _LABEL_MODES = ("multi", "single")
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed or does not fit the current run."""
+
+
+# What reading a damaged checkpoint raises: missing files (OSError), JSON,
+# TensorStore and Orbax errors (ValueError), missing entries (KeyError).
+_DAMAGE = (OSError, ValueError, KeyError)
 
 
 def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
@@ -190,22 +205,38 @@ def _to_host(tree: Any) -> Any:
 
 
 class TrainCheckpointer:
-  """Orbax CheckpointManager for one training run (asynchronous, keep K)."""
+  """Orbax CheckpointManager for one training run (asynchronous, keep K).
+
+  Every process opens it; process 0 moves damaged checkpoints aside, the
+  others wait for it (the workdir is shared).
+  """
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
                async_save: bool = True):
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.bad_directory = epath.Path(workdir) / BAD_CHECKPOINT_DIR
+    self._saving: int | None = None  # The step of the save in flight.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            # Unfinished saves are moved aside below, not deleted.
+            cleanup_tmp_directories=False),
         item_handlers={
             _STATE: ocp.StandardCheckpointHandler(),
             _METADATA: ocp.JsonCheckpointHandler(),
             _INPUT: IteratorStateHandler(),
         })
+    finished = {str(step) for step in self._manager.all_steps()}
+    unfinished = [p for p in self.directory.iterdir()
+                  if p.name[:1].isdigit() and p.name not in finished]
+    for path in sorted(unfinished, key=lambda p: p.name):
+      step = int("".join(itertools.takewhile(str.isdigit, path.name)))
+      self._move_aside(path, step, "unfinished-save",
+                       "the save never finished (the process was killed or "
+                       "the disk filled up while writing it)")
+    _sync_processes("mlimages_unfinished_checkpoints")
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -228,12 +259,15 @@ class TrainCheckpointer:
     }
     if iterator_state is not None:
       items[_INPUT] = IteratorStateSave(iterator_state)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._save_errors():
+      self._saving = step
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, target: Any) -> tuple[Any, bytes | None]:
-    """Restores the state into `target`'s structure, plus this process's
-    input iterator state (None when the checkpoint has none)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(target))
+    """Restores the state into `target`'s structure (arrays or their
+    ``jax.ShapeDtypeStruct``), plus this process's input iterator state
+    (None when the checkpoint has none)."""
+    abstract = _abstract(target)
     items = {_STATE: ocp.args.StandardRestore(abstract)}
     has_input = (self.directory / str(step) / _INPUT).exists()
     if has_input:
@@ -242,11 +276,126 @@ class TrainCheckpointer:
     state = jax.tree.map(np.asarray, restored[_STATE])
     return state, (restored[_INPUT] if has_input else None)
 
+  def restore_newest(self, target: Any, expected: Mapping[str, Any]
+                     ) -> tuple[int, Any, bytes | None] | None:
+    """``(step, state, input position)`` of the newest checkpoint that
+    restores, or None when there is none.
+
+    A checkpoint that does not restore, on any process, is moved aside and
+    the next older one tried. One that restores but belongs to another run
+    (`check_compatible`, or different array shapes: another model or
+    optimizer) raises CheckpointError: that is the wrong workdir or config,
+    not damage.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      source = self.directory / str(step)
+      restored, problem = None, None
+      try:
+        metadata = self.metadata(step)
+      except (CheckpointError, *_DAMAGE) as e:
+        problem = ("bad-metadata", e)
+      else:
+        check_compatible(metadata, expected, str(source))
+        problem = self._check_shapes(step, target)
+      if problem is None:
+        try:
+          restored = self.restore(step, target)
+        except _DAMAGE as e:
+          problem = ("bad-state", e)
+      if not _any_process(problem is not None):
+        return step, *restored
+      reason, error = problem or ("bad-on-another-process",
+                                  "another process could not restore it")
+      self._move_aside(source, step, reason, _first_line(error))
+      _sync_processes(f"mlimages_bad_checkpoint_{step}")
+      self._manager.reload()
+    return None
+
+  def _check_shapes(self, step: int, target: Any
+                    ) -> tuple[str, BaseException] | None:
+    """A damage problem, or None; raises CheckpointError on another run's
+    arrays (the same leaves, shapes and dtypes are required)."""
+    path = self.directory / str(step) / _STATE
+    try:
+      got = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    except _DAMAGE as e:
+      return ("bad-state", e)
+    want = _shapes(_abstract(target))
+    if got != want:
+      raise CheckpointError(
+          f"{path} was written by an incompatible run: it holds "
+          f"{len(got)} arrays, this config's train state {len(want)} "
+          f"(first difference: {sorted(set(got) ^ set(want))[:1]}); another "
+          "model or optimizer? Use a new --workdir, or move that checkpoint "
+          "directory away to start over.")
+    return None
+
+  def _move_aside(self, path: epath.Path, step: int, reason: str,
+                  why: str) -> None:
+    """Process 0 renames `path` into the bad-checkpoint directory."""
+    target = self.bad_directory / f"{step}-{reason}"
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = self.bad_directory / f"{step}-{reason}-{suffix}"
+    logging.warning("Checkpoint step %d (%s) cannot be used: %s. Moved to %s "
+                    "(nothing is deleted).", step, path, why, target)
+    if jax.process_index() == 0:
+      self.bad_directory.mkdir(parents=True, exist_ok=True)
+      path.rename(target)
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Turns a failed write (full disk, read-only workdir) into a clear
+    CheckpointError; Orbax writes into a temporary directory and deletes
+    old checkpoints only after a save completes, so older ones stay intact.
+    """
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      # Orbax re-raises a failed asynchronous save at the next call.
+      older = [s for s in self._manager.all_steps() if s != self._saving]
+      raise CheckpointError(
+          f"Could not write checkpoint step {self._saving} to "
+          f"{self.directory}: {_first_line(e)}. Older checkpoints are intact "
+          f"(steps {older}); once there is space (or the workdir is writable) "
+          f"the same command resumes from step {max(older, default=0)}."
+      ) from e
+
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._save_errors():
+      self._manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                      tree)
+
+
+def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  return sorted((tuple(x.shape), str(np.dtype(x.dtype)))
+                for x in jax.tree.leaves(tree))
+
+
+def _first_line(error: BaseException | str) -> str:
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0][:500]
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process must call)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +410,11 @@ def _numpy_restore_args(metadata_tree: Any) -> Any:
 def _restore_subtrees(path: epath.Path, keys: Sequence[str]) -> dict[str, Any]:
   """Restores the top-level `keys` of a pytree checkpoint as NumPy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
-  tree_metadata = checkpointer.metadata(path).item_metadata.tree
+  item_metadata = checkpointer.metadata(path).item_metadata
+  if item_metadata is None:  # Orbax only logs what it could not read.
+    raise CheckpointError(f"{path}: its array metadata is missing or "
+                          "unreadable")
+  tree_metadata = item_metadata.tree
   missing = [k for k in keys if k not in tree_metadata]
   if missing:
     raise CheckpointError(f"{path}: no {missing} in the checkpoint")
@@ -273,12 +426,13 @@ def _restore_subtrees(path: epath.Path, keys: Sequence[str]) -> dict[str, Any]:
   return {k: restored[k] for k in keys}
 
 
-def _resolve_training_step_dir(path: epath.Path) -> epath.Path:
-  """A workdir, its checkpoints dir, or a step dir -> the step dir to read."""
+def _training_step_dirs(path: epath.Path) -> list[epath.Path]:
+  """A workdir, its checkpoints dir, or a step dir -> the step dirs to try,
+  newest first (a step dir: only itself)."""
   if (path / CHECKPOINT_DIR).is_dir():
     path = path / CHECKPOINT_DIR
   if (path / _STATE).is_dir():
-    return path
+    return [path]
   steps = [int(p.name) for p in path.iterdir()
            if p.is_dir() and p.name.isdigit() and (p / _STATE).is_dir()]
   if not steps:
@@ -286,7 +440,23 @@ def _resolve_training_step_dir(path: epath.Path) -> epath.Path:
         f"{path}: no checkpoint here (expected a workdir, its "
         f"'{CHECKPOINT_DIR}' directory, a step directory or an inference "
         f"checkpoint with {INFERENCE_METADATA_FILE})")
-  return path / str(max(steps))
+  return [path / str(step) for step in sorted(steps, reverse=True)]
+
+
+def _load_step_dir(step_dir: epath.Path
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  metadata_path = step_dir / _METADATA / "metadata"
+  if not metadata_path.exists():
+    raise CheckpointError(f"{step_dir}: the checkpoint has no metadata")
+  try:
+    metadata = json.loads(metadata_path.read_text())
+    validate_metadata(metadata, str(metadata_path))
+    variables = _restore_subtrees(step_dir / _STATE, ("params", "batch_stats"))
+  except _DAMAGE as e:
+    raise CheckpointError(
+        f"{step_dir}: cannot be restored ({type(e).__name__}: "
+        f"{_first_line(e)})") from e
+  return variables, metadata
 
 
 def load_for_inference(path: str | os.PathLike
@@ -294,8 +464,11 @@ def load_for_inference(path: str | os.PathLike
   """Loads ``({"params", "batch_stats"}, metadata)`` as NumPy arrays.
 
   `path` is a training workdir, its checkpoints directory, one step's
-  directory (the latest step is used when several exist), or an inference
-  checkpoint written by `save_inference_checkpoint`.
+  directory, or an inference checkpoint written by
+  `save_inference_checkpoint`. Of a workdir the newest step that restores
+  is used (each one skipped is logged with the reason; nothing is moved);
+  ``metadata["step"]`` says which. A step directory that does not restore
+  raises CheckpointError with the reason.
   """
   path = fileio.as_path(path)  # Absolute, as Orbax needs; or gs://...
   if not path.exists():
@@ -306,14 +479,14 @@ def load_for_inference(path: str | os.PathLike
     validate_metadata(metadata, str(metadata_path))
     variables = _restore_subtrees(path / _VARIABLES, ("params", "batch_stats"))
     return variables, metadata
-  step_dir = _resolve_training_step_dir(path)
-  metadata_path = step_dir / _METADATA / "metadata"
-  if not metadata_path.exists():
-    raise CheckpointError(f"{step_dir}: the checkpoint has no metadata")
-  metadata = json.loads(metadata_path.read_text())
-  validate_metadata(metadata, str(metadata_path))
-  variables = _restore_subtrees(step_dir / _STATE, ("params", "batch_stats"))
-  return variables, metadata
+  candidates = _training_step_dirs(path)
+  for step_dir in candidates[:-1]:
+    try:
+      return _load_step_dir(step_dir)
+    except CheckpointError as e:
+      logging.warning("Skipping checkpoint %s: %s; trying the next older "
+                      "one.", step_dir, e)
+  return _load_step_dir(candidates[-1])
 
 
 def save_inference_checkpoint(path: str | os.PathLike,

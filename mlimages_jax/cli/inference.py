@@ -141,10 +141,14 @@ def _load(checkpoint: str):
   from mlimages_jax.checkpoints import store
   from mlimages_jax.inference import predict
   try:
-    return predict.LoadedModel.load(checkpoint)
+    model = predict.LoadedModel.load(checkpoint)
   except store.CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return None
+  # A workdir's newest step may have been skipped as damaged: say which.
+  print(f"using step {model.metadata['step']} of {checkpoint}",
+        file=sys.stderr)
+  return model
 
 
 def _report(verb: str, done: int, failures) -> int:

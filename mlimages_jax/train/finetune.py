@@ -13,6 +13,7 @@ optimizer and the train step ask `is_frozen` which variables those are.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import flax
@@ -62,6 +63,9 @@ def load_backbone(path: str, config: ml_collections.ConfigDict,
         f"config.init_checkpoint: {e}. Give a pre-training workdir or a "
         f"converted checkpoint; e.g. make the demo's with: python main.py "
         f"--config=configs/pretrain.py:demo --workdir={path}") from e
+  # A workdir's newest step may have been skipped as damaged: say which.
+  logging.info("config.init_checkpoint: step %d of %s.", metadata["step"],
+               path)
   problems = [
       f"model.{key}: checkpoint {metadata['model'][key]}, config "
       f"{config.model[key]}" for key in ("depth", "width_multiplier")

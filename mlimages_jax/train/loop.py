@@ -16,6 +16,12 @@ the learning rate is logged from the step's own metrics. The cross-process
 collectives are the ``pmean`` calls inside the compiled step (steps.py) and,
 on the host, the sum of decode failures at each report and those of the
 evaluation (evaluation/evaluator.py, the same path as ``mlimages evaluate``).
+
+SIGTERM or SIGINT stops the run at the first step boundary that every
+process reaches after the signal (preemption.py): that step is saved with
+its input positions, the save is awaited and `preemption.Preempted` raised;
+rerunning the same command resumes from it exactly. Resuming takes the
+newest checkpoint that restores (store.py moves damaged ones aside).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from mlimages_jax.train import finetune
 from mlimages_jax.train import inputs
 from mlimages_jax.train import optimizer
 from mlimages_jax.train import probes as probes_lib
+from mlimages_jax.train import preemption
 from mlimages_jax.train import run_log
 from mlimages_jax.train import schedule
 from mlimages_jax.train import steps
@@ -75,10 +82,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   checkpointer = store.TrainCheckpointer(
       workdir, keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    store.check_compatible(checkpointer.metadata(start_step), metadata,
-                           f"{checkpointer.directory / str(start_step)}")
+  model = create_model(config, info.num_classes)
+  learning_rate_fn = schedule.create_learning_rate_fn(config)
+  tx = optimizer.create_optimizer(config, learning_rate_fn)
+
+  def fresh_state() -> TrainState:
+    return create_train_state(jax.random.PRNGKey(config.seed), model,
+                              config.image_size, tx)
+
+  # The newest checkpoint that restores (damaged ones are moved aside; one
+  # of another model stops the run here, before any compilation).
+  resumed = checkpointer.restore_newest(jax.eval_shape(fresh_state), metadata)
+  start_step = resumed[0] if resumed else 0
   if (schedule.image_size_at(config, start_step + 1)
       != schedule.image_size_at(config, 1)):
     train_iter = inputs.create_train_iterator(config, start_step + 1)
@@ -92,25 +107,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The train state: restored, fine-tuned from a backbone, or fresh. A
   # backbone is checked against the model before anything compiles.
-  model = create_model(config, info.num_classes)
-  backbone = None
-  if config.init_checkpoint and not start_step:
-    backbone = finetune.load_backbone(config.init_checkpoint, config,
-                                      _abstract_variables(model, config))
-  learning_rate_fn = schedule.create_learning_rate_fn(config)
-  tx = optimizer.create_optimizer(config, learning_rate_fn)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model,
-                             config.image_size, tx)
-  if backbone is not None:
-    state = finetune.with_backbone(state, *backbone)
-    logging.info("Initialised all but the %r head from %s.", finetune.HEAD,
-                 config.init_checkpoint)
-  if start_step:
-    state, position = checkpointer.restore(start_step, state)
+  if resumed:
+    _, state, position = resumed
     if position is not None:
       train_iter.set_state(position)
     logging.info("Resumed from step %d of %d.", start_step, total_steps)
     log.resumed(start_step)
+  else:
+    backbone = None
+    if config.init_checkpoint:
+      backbone = finetune.load_backbone(config.init_checkpoint, config,
+                                        _abstract_variables(model, config))
+    state = fresh_state()
+    if backbone is not None:
+      state = finetune.with_backbone(state, *backbone)
+      logging.info("Initialised all but the %r head from %s.", finetune.HEAD,
+                   config.init_checkpoint)
 
   p_train_step = steps.pmap_train_step(
       model, tx, config, optimizer.batch_norm_modules(state.batch_stats),
@@ -119,19 +131,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   probes = probes_lib.Probes(config, model)
   state = distributed.replicate(state)
   log.mark(start_step)
+  stopped = None
   try:
-    if config.eval_at_start and start_step == 0:
-      _evaluate(evaluator, state, log, 0)
-      probes.run(state, log, 0)
-    state = _train(config, state, p_train_step, train_iter, checkpointer,
-                   evaluator, probes, log, metadata, start_step, total_steps)
-    if total_steps > start_step:
-      _evaluate(evaluator, state, log, total_steps)
-      probes.run(state, log, total_steps)
+    with preemption.watch(start_step) as watcher:
+      if config.eval_at_start and start_step == 0:
+        _evaluate(evaluator, state, log, 0)
+        probes.run(state, log, 0)
+      state, stopped = _train(config, state, p_train_step, train_iter,
+                              checkpointer, evaluator, probes, log, metadata,
+                              start_step, total_steps, watcher)
+      if stopped is None and total_steps > start_step:
+        _evaluate(evaluator, state, log, total_steps)
+        probes.run(state, log, total_steps)
   finally:
     checkpointer.wait_until_finished()
     checkpointer.close()
     log.flush()
+  if stopped is not None:
+    raise preemption.Preempted(stopped, watcher.seconds_since_signal())
   return distributed.unreplicate(state)
 
 
@@ -139,20 +156,22 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
            p_train_step: Callable, train_iter: pipeline.InputIterator,
            checkpointer: store.TrainCheckpointer, evaluator: Evaluator,
            probes: probes_lib.Probes, log: run_log.RunLog,
-           metadata: dict[str, Any], start_step: int,
-           total_steps: int) -> TrainState:
-  """Steps `start_step + 1 .. total_steps`; returns the replicated state.
+           metadata: dict[str, Any], start_step: int, total_steps: int,
+           watcher: preemption.Watcher) -> tuple[TrainState, int | None]:
+  """Steps `start_step + 1 .. total_steps`; returns the replicated state and
+  the step where a signal stopped the run (None if none did).
 
   A logging interval's metrics are reported, and a checkpoint handed to
   Orbax, only once the next step has been dispatched: the devices never
-  idle while the host logs or starts a save.
+  idle while the host logs or starts a save. A preempted run saves the step
+  it stops at like a periodic checkpoint.
   """
   batches = pipeline.prefetch_to_device(train_iter, config.prefetch_to_device)
   image_size = schedule.image_size_at(config, start_step + 1)
   last_checkpoint = start_step or None
   history: Records = []  # Steps not yet reported.
   pending: Records = []  # A finished interval, reported after the next step.
-  to_save = None
+  to_save, stop = None, False
   for step in range(start_step + 1, total_steps + 1):
     if schedule.image_size_at(config, step) != image_size:
       # Progressive resizing: the same data position at the new size.
@@ -169,9 +188,12 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       _report(pending, batches, log, last_checkpoint)
       pending = []
     if to_save:
-      checkpointer.save(*to_save)
+      _save(checkpointer, to_save)
       last_checkpoint, to_save = to_save[0], None
-    is_save = step % config.checkpoint_every_steps == 0 or step == total_steps
+    # The last step is saved anyway; the run then ends with its evaluation.
+    stop = watcher.reached(step) and step < total_steps
+    is_save = (stop or step % config.checkpoint_every_steps == 0
+               or step == total_steps)
     is_eval = config.eval_every_steps > 0 and (
         step % config.eval_every_steps == 0)
     is_probe = probes.due(step)
@@ -186,13 +208,25 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       # Copied now: the next step reuses (donates) the state's memory.
       to_save = (step, distributed.unreplicate(state), metadata,
                  batches.get_state())
+    if stop:  # No next step: the save starts now, during an evaluation.
+      logging.warning("step %d: stopping (signal); saving its checkpoint.",
+                      step)
+      _save(checkpointer, to_save)
+      to_save = None
     if is_eval and step != total_steps:
       _evaluate(evaluator, state, log, step)
     if is_probe and step != total_steps:
       probes.run(state, log, step)
+    if stop:
+      break
   if to_save:
-    checkpointer.save(*to_save)
-  return state
+    _save(checkpointer, to_save)
+  return state, step if stop else None
+
+
+def _save(checkpointer: store.TrainCheckpointer, item: tuple) -> None:
+  logging.info("step %d: saving a checkpoint.", item[0])
+  checkpointer.save(*item)
 
 
 def _report(records: Records, batches: pipeline.DevicePrefetchIterator,
@@ -210,6 +244,7 @@ def _evaluate(evaluator: Evaluator, state: TrainState, log: run_log.RunLog,
               step: int) -> None:
   t0 = time.perf_counter()
   image_size = schedule.image_size_at(evaluator.config, max(step, 1))
+  logging.info("step %d: evaluating on %s.", step, evaluator.config.eval_split)
   results = evaluator.run(state, image_size, step)
   log.evaluation(step, image_size, results, time.perf_counter() - t0)
   log.mark(step)  # The training rate excludes evaluation.

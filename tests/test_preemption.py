@@ -1,0 +1,53 @@
+"""Tests of mlimages_jax.train.preemption with real signals (one process).
+
+The runs themselves: tests/test_main.py (one process) and
+tests/test_multihost.py (2 processes, JAX's preemption service).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from mlimages_jax.train import preemption
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_the_next_boundary(signum, caplog):
+  before = signal.getsignal(signum)
+  with preemption.watch(start_step=10) as watcher:
+    assert not watcher.reached(11)
+    assert watcher.seconds_since_signal() is None
+    with caplog.at_level("WARNING"):
+      os.kill(os.getpid(), signum)  # Handled before os.kill returns.
+    assert (f"{signal.Signals(signum).name} received after the boundary of "
+            "step 11; stopping at the next one") in caplog.text
+    assert watcher.reached(12)
+    assert 0 <= watcher.seconds_since_signal() < 5
+    # A second signal of the kind takes its default action (no save).
+    assert signal.getsignal(signum) in (signal.SIG_DFL,
+                                        signal.default_int_handler)
+  assert signal.getsignal(signum) == before
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  with preemption.watch(start_step=0):
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_no_signal_never_stops():
+  with preemption.watch(start_step=0) as watcher:
+    assert not any(watcher.reached(step) for step in range(1, 100))
+
+
+def test_preempted_says_how_to_resume():
+  error = preemption.Preempted(42, 1.25)
+  assert error.step == 42
+  assert str(error) == (
+      "Preempted: stopped at step 42 1.2 s after the signal; its checkpoint "
+      "is complete. Run the same command again to resume from step 42.")
+  assert preemption.EXIT_CODE == 75
