@@ -20,7 +20,8 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
   config.data_dir = str(tmp_path)
   start = time.perf_counter()
   with pytest.raises(pipeline.DatasetNotBuiltError,
-                     match=r"tfds build tfds_builder/ml_images --config=full"):
+                     match=r"tfds build ml_images --imports=mlimages_jax\."
+                           r"datasets\.ml_images --config=full"):
     loop.train_and_evaluate(config, tmp_path / "work")
   assert time.perf_counter() - start < 20
   assert not (tmp_path / "work" / "checkpoints").exists()
