@@ -72,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()  # Every field and the values both recipes share.
 
   c.dataset = "imagenet2012"
-  c.label_mode = "single"  # Fine-tune preprocessing: crops of 5-100% area.
+  c.label_mode = "single"
+  c.preprocess.area_range = (0.05, 1.0)  # §8: crops of 5-100% of the area.
   c.init_checkpoint = ""  # Required for the recipe: the pre-trained model.
   c.progressive_resizing = ml_collections.ConfigDict(
       dict(image_size=299, from_step=300_000))
@@ -99,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.width_multiplier = 0.25
     c.model.bn_momentum = 0.9
     c.dtype = "float32"
-    c.preprocess = ml_collections.ConfigDict({"colour_fraction": 0.0})
+    c.preprocess.colour_fraction = 0.0
     c.batch_size = 64
     c.eval_batch_size = 250
     c.num_train_steps = 150
