@@ -29,16 +29,16 @@ def test_plan_keeps_what_is_installed_and_installs_the_rest():
   jax and opencv stay even outside the tested ranges."""
   needed = [Requirement(r) for r in (
       "jax>=0.10.2,<0.11", "tensorflow-cpu>=2.21,<2.22", "flax>=0.12,<0.13",
-      "opencv-python-headless>=5.1", "tqdm>=4.66")]
-  installed = {"jax": "0.7.2", "tensorflow": "2.21.0", "opencv-python": "4.12",
+      "opencv-python-headless>=4.10", "tqdm>=4.66")]
+  installed = {"jax": "0.7.2", "tensorflow": "2.21.0", "opencv-python": "4.9",
                "tqdm": "4.67.1"}
   kept, missing = install.plan(needed, installed)
   assert missing == ["flax<0.13,>=0.12"]
   assert kept == [
       "jax 0.7.2 (kept; this project is tested with jax<0.11,>=0.10.2)",
       "tensorflow 2.21.0",
-      "opencv-python 4.12 (kept; this project is tested with "
-      "opencv-python-headless>=5.1)",
+      "opencv-python 4.9 (kept; this project is tested with "
+      "opencv-python-headless>=4.10)",
       "tqdm 4.67.1"]
 
 
