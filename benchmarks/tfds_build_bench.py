@@ -27,8 +27,8 @@ import tensorflow as tf  # noqa: F401  (imported up front, not in the timing)
 import tensorflow_datasets as tfds
 
 from mlimages_jax.data import synthetic
-from tfds_builder.ml_images import create_dummy_data as dummy
-from tfds_builder.ml_images import ml_images_dataset_builder as mib
+from mlimages_jax.datasets.ml_images import create_dummy_data as dummy
+from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
 
 # On 2 cores: 1M images in under 1.5 h on one machine; the 17.6M of the full
 # dataset then take a day there, or an hour on ~25 such Beam workers.

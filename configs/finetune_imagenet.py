@@ -102,7 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()  # Every field and the values both recipes share.
 
   c.dataset = "imagenet2012"
-  c.label_mode = "single"  # Fine-tune preprocessing: crops of 5-100% area.
+  c.label_mode = "single"
+  # The original's finetune.py: crops of 5-100% of the area, none refused.
+  c.preprocess.area_range = (0.05, 1.0)
+  c.preprocess.min_object_covered = 0.0
   c.init_checkpoint = ""  # Required for the recipe: the pre-trained model.
   c.freeze_blocks = 2  # finetune.sh's --FixBlock2=True (docstring).
   c.frozen_blocks_batch_stats = "update"  # As the original's FixBlock2.
@@ -135,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # where frozen blocks would stay random.
     c.freeze_blocks = 0
     c.dtype = "float32"
-    c.preprocess = ml_collections.ConfigDict({"colour_fraction": 0.0})
+    c.preprocess.colour_fraction = 0.0
     c.batch_size = 64
     c.eval_batch_size = 250
     c.num_train_steps = 150

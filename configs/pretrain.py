@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0.1 / 0.05 / 0.025 / 0.0125.
     # Colour is part of the synthetic labels (red vs yellow disc): no hue or
     # saturation jitter. Crops, flips and rotations stay.
-    c.preprocess = ml_collections.ConfigDict({"colour_fraction": 0.0})
+    c.preprocess.colour_fraction = 0.0
     c.batch_size = 16
     c.eval_batch_size = 256
     c.num_train_steps = 1200  # 19,200 images: 6.4 epochs of the 3,000.

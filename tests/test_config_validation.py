@@ -3,9 +3,13 @@ the recipes only override it, validation derives its schema from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from mlimages_jax.train import config as config_lib
@@ -60,8 +64,8 @@ def test_recipes_only_override_the_base(recipe, variant):
   config = recipe.get_config(variant).to_dict()
 
   def shape(tree):
-    return {k: shape(v) if isinstance(v, dict) and k != "preprocess"
-            else type(v) for k, v in tree.items()}
+    return {k: shape(v) if isinstance(v, dict) else type(v)
+            for k, v in tree.items()}
 
   assert shape(config) == shape(base)
 
@@ -97,3 +101,53 @@ def test_enumerated_fields_are_checked():
           "('update', 'keep')") in str(e.value)
   assert ("config.schedule.rate_at_boundary 'after' is not one of "
           "('previous', 'decayed')") in str(e.value)
+
+
+@pytest.mark.parametrize("recipe,mode", [(pretrain, "pretrain"),
+                                         (finetune_imagenet, "finetune")])
+def test_preprocess_group_holds_every_preprocessing_field(recipe, mode):
+  """config.preprocess declares every PreprocessConfig field, at the values
+  the library's defaults for that recipe's mode give (so the two cannot
+  drift), and the pipeline receives exactly those."""
+  from mlimages_jax.inputs import preprocessing
+  declared = recipe.get_config().preprocess.to_dict()
+  defaults = dataclasses.asdict(preprocessing.PreprocessConfig.for_mode(mode))
+  assert declared == defaults
+  assert preprocessing.PreprocessConfig.for_mode(mode, declared) == (
+      preprocessing.PreprocessConfig.for_mode(mode))
+
+
+def _parse_flags(*args: str):
+  """The recipe as main.py's --config flag parses it, with overrides."""
+  argv = ["main.py", f"--config={pathlib.Path(pretrain.__file__)}", *args]
+  flag_values = flags.FlagValues()
+  # The override flags are defined from the command line, as in main.py.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_preprocess_fields_are_overridable_typed_and_validated():
+  """The full recipe's preprocessing, overridden on the command line."""
+  config = _parse_flags("--config.preprocess.colour_fraction=0.5",
+                        "--config.preprocess.area_range=(0.5,0.9)",
+                        "--config.preprocess.flip=False")
+  assert config.preprocess.colour_fraction == 0.5
+  assert tuple(config.preprocess.area_range) == (0.5, 0.9)
+  assert config.preprocess.flip is False
+  config_validation.validate_config(config)
+  config = _parse_flags("--config.preprocess.colour_fraction=1.5",
+                        "--config.preprocess.dct_method=FAST")
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert "colour_fraction must be in [0, 1], got 1.5" in str(e.value)
+  assert "dct_method must be one of" in str(e.value)
+  config = pretrain.get_config("smoke")  # A recipe replacing the group:
+  config.preprocess = ml_collections.ConfigDict(dict(
+      config.preprocess.to_dict(), colour_fracton=0.5, hue_delta="0.1"))
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("unknown field config.preprocess.colour_fracton (did you mean "
+          "config.preprocess.colour_fraction?)") in str(e.value)
+  assert "config.preprocess.hue_delta must be a number" in str(e.value)

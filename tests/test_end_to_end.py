@@ -160,8 +160,8 @@ def test_acquisition_writes_closed_lists_and_images(sources, manual_dir):
 def data_dir(manual_dir, tmp_path_factory) -> pathlib.Path:
   data = tmp_path_factory.mktemp("tfds")
   tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
-  _run(str(tfds_cli), "build", "tfds_builder/ml_images", "--config=full",
-       f"--manual_dir={manual_dir}", f"--data_dir={data}")
+  _run(str(tfds_cli), "build", "mlimages_jax/datasets/ml_images",
+       "--config=full", f"--manual_dir={manual_dir}", f"--data_dir={data}")
   return data
 
 
@@ -179,7 +179,7 @@ def workdir(data_dir, tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_build_train_evaluate_classify(sources, data_dir, workdir, tmp_path):
-  import tfds_builder.ml_images  # noqa: F401  (registers ml_images)
+  import mlimages_jax.datasets.ml_images  # noqa: F401  (registers ml_images)
   hierarchy = sources["hierarchy"]
   built = tfds.builder("ml_images/full", data_dir=str(data_dir))
   assert built.info.splits["train"].num_examples == 32

@@ -21,7 +21,8 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
   config.data_dir = str(tmp_path)
   start = time.perf_counter()
   with pytest.raises(pipeline.DatasetNotBuiltError,
-                     match=r"tfds build tfds_builder/ml_images --config=full"):
+                     match=r"tfds build ml_images --imports=mlimages_jax\."
+                           r"datasets\.ml_images --config=full"):
     loop.train_and_evaluate(config, tmp_path / "work")
   assert time.perf_counter() - start < 20
   assert not (tmp_path / "work" / "checkpoints").exists()
@@ -31,7 +32,7 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
 def test_checkpoints_record_the_datasets_label_closure(tmp_path):
   """A real build with the annotations as given: every checkpoint says so.
   The run accumulates 2 micro-batches in positivity groups of 4."""
-  from tfds_builder.ml_images import ml_images_dataset_builder as mib
+  from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
   config_name = "synthetic_as_given"
   mib.Builder(config=mib.MlImagesConfig(
       name=config_name, kind="synthetic", parts=(), num_train=32,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -395,8 +397,9 @@ def test_ml_images_synthetic_built_on_demand(tmp_path):
                 split="validation", mode="eval", global_batch_size=100,
                 local_device_count=4)
   with pytest.raises(pipeline.DatasetNotBuiltError,
-                     match="tfds build tfds_builder/ml_images "
-                           f"--config=synthetic --data_dir={tmp_path}"):
+                     match="tfds build ml_images --imports=mlimages_jax"
+                           r"\.datasets\.ml_images --config=synthetic "
+                           f"--data_dir={tmp_path}"):
     make(**kwargs)
   multi = make(**kwargs, build_if_missing=True)
   single = make(**kwargs, label_mode="single")
@@ -419,3 +422,24 @@ def test_ml_images_synthetic_built_on_demand(tmp_path):
   np.testing.assert_array_equal(
       classes, [synthetic.single_label(np.flatnonzero(row > 0))
                 for row in dense])
+
+
+@pytest.mark.parametrize("module", ["mlimages_jax.inputs.pipeline",
+                                    "mlimages_jax.inference.predict"])
+def test_tf_data_users_hide_gpus_from_tensorflow(module):
+  """Importing a tf.data user hides GPUs from TensorFlow before any op runs.
+
+  With no GPU here the visible list is checked, not GPU memory: TF starts
+  with an empty list (= every device visible) and `set_visible_devices([],
+  "GPU")` replaces it by the devices that are not GPUs.
+  """
+  code = ("import tensorflow as tf\n"
+          "from tensorflow.python.eager import context\n"
+          "ctx = context.context()\n"
+          "assert ctx._visible_device_list == [], ctx._visible_device_list\n"
+          f"import {module}\n"
+          "print(sorted({d.device_type for d in ctx._visible_device_list}))\n"
+          "print(tf.config.get_visible_devices('GPU'))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True).stdout.split("\n")
+  assert out[:2] == ["['CPU']", "[]"]

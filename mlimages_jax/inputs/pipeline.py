@@ -94,11 +94,13 @@ def _build_command(dataset: str, data_dir: str | None) -> str:
   """The exact `tfds build` command that creates `dataset` in `data_dir`."""
   family, config = _dataset_family(dataset), _config_name(dataset)
   if family == "ml_images":
-    cmd = "tfds build tfds_builder/ml_images"
+    # The --imports form works from any install, checkout or not.
+    cmd = "tfds build ml_images --imports=mlimages_jax.datasets.ml_images"
     if config:
       cmd += f" --config={config}"
     if config != "synthetic":
-      cmd += " --manual_dir=<folder written by `mlimages acquire`>"
+      cmd += (" --manual_dir=<folder written by `mlimages download` and "
+              "`mlimages imagenet21k extract`>")
   elif family == "imagenet2012":
     cmd = ("tfds build imagenet2012 --manual_dir=<folder with "
            "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar>")
@@ -118,7 +120,7 @@ def load_builder(dataset: str, data_dir: str | None, *,
                  build_if_missing: bool = False) -> tfds.core.DatasetBuilder:
   """A prepared TFDS builder; builds `ml_images/synthetic` if asked to."""
   if _dataset_family(dataset) == "ml_images":
-    import tfds_builder.ml_images  # noqa: F401  (registers the builder)
+    import mlimages_jax.datasets.ml_images  # noqa: F401  (registers it)
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:

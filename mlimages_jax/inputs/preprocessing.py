@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import tensorflow as tf
 
 MODES = ("pretrain", "finetune", "eval")
+_DCT_METHODS = ("INTEGER_FAST", "INTEGER_ACCURATE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +83,42 @@ class PreprocessConfig:
   contrast_range: tuple[float, float] = (0.5, 1.5)
   eval_crop_fraction: float = 0.8
   antialias: bool = False
-  # JPEG IDCT. Evaluation uses libjpeg's accurate one (the pixels PIL and
-  # most tools decode); training the fast one (TF's default), whose error of
-  # about one grey level vanishes under augmentation.
-  dct_method: str = "INTEGER_ACCURATE"
+  # JPEG IDCT. Training uses the fast one (TF's default), whose error of
+  # about one grey level vanishes under augmentation; evaluation libjpeg's
+  # accurate one (the pixels PIL and most tools decode).
+  dct_method: str = "INTEGER_FAST"
+  eval_dct_method: str = "INTEGER_ACCURATE"
 
   def __post_init__(self):
-    if self.rotation_interpolation not in ("nearest", "bilinear"):
-      raise ValueError("rotation_interpolation must be 'nearest' or "
-                       f"'bilinear', not {self.rotation_interpolation!r}")
+    """Rejects values that cannot run or make no sense, naming the field."""
+    problems = []
+    choices = {"rotation_interpolation": ("nearest", "bilinear"),
+               "dct_method": _DCT_METHODS, "eval_dct_method": _DCT_METHODS}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        problems.append(f"{name} must be one of {allowed}, not "
+                        f"{getattr(self, name)!r}")
+    for name in ("rotation_fraction", "colour_fraction", "min_object_covered"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+    if not 0.0 < self.eval_crop_fraction <= 1.0:
+      problems.append("eval_crop_fraction must be in (0, 1], got "
+                      f"{self.eval_crop_fraction}")
+    for name in ("area_range", "aspect_ratio_range", "saturation_range",
+                 "contrast_range"):
+      value = getattr(self, name)
+      if len(value) != 2 or not 0.0 <= value[0] <= value[1]:
+        problems.append(f"{name} must be (low, high) with 0 <= low <= high, "
+                        f"got {value}")
+    if self.area_range[1] > 1.0:
+      problems.append(f"area_range must end at <= 1, got {self.area_range}")
+    if self.max_attempts < 1:
+      problems.append(f"max_attempts must be >= 1, got {self.max_attempts}")
+    for name in ("brightness_delta", "hue_delta", "max_rotation_degrees"):
+      if getattr(self, name) < 0:
+        problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+    if problems:
+      raise ValueError("; ".join(problems))
 
   @classmethod
   def for_mode(cls, mode: str,
@@ -104,8 +132,6 @@ class PreprocessConfig:
       raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of "
                        f"{MODES}")
     values: dict[str, Any] = {}
-    if mode != "eval":
-      values["dct_method"] = "INTEGER_FAST"
     if mode == "finetune":  # The original's finetune.py.
       values["area_range"] = (0.05, 1.0)
       values["min_object_covered"] = 0.0
@@ -450,6 +476,6 @@ def eval_image(image_bytes: tf.Tensor, *, image_size: int,
     size = shape[:2] - 2 * offset
     return tf.stack([offset[0], offset[1], size[0], size[1]])
 
-  image = _decode_window(image_bytes, central_window, config.dct_method)
+  image = _decode_window(image_bytes, central_window, config.eval_dct_method)
   image = _resize(image, (image_size, image_size), config.antialias)
   return _to_uint8(image)

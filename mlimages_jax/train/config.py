@@ -34,7 +34,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   c.label_mode = "multi"  # "multi" (sigmoid losses) or "single" (softmax).
   c.transfer_dtype = "uint8"  # Normalised on the device: 1/4 of the bytes.
-  c.preprocess = ml_collections.ConfigDict()  # PreprocessConfig overrides.
+  # Image preprocessing (inputs/preprocessing.py's PreprocessConfig, which
+  # says what each field does): the §7 pre-training values. Training reads
+  # all of it; evaluation only eval_crop_fraction, antialias, eval_dct_method.
+  c.preprocess = ml_collections.ConfigDict(dict(
+      area_range=(0.7, 1.0), aspect_ratio_range=(0.75, 1.33),
+      min_object_covered=0.7, max_attempts=100, flip=True,
+      rotation_fraction=1 / 3, max_rotation_degrees=45.0,
+      rotation_interpolation="nearest", colour_fraction=2 / 3,
+      colour_on_device=True, brightness_delta=32 / 255,
+      saturation_range=(0.5, 1.5), hue_delta=0.2, contrast_range=(0.5, 1.5),
+      eval_crop_fraction=0.8, antialias=False, dct_method="INTEGER_FAST",
+      eval_dct_method="INTEGER_ACCURATE"))
 
   # Model and loss.
   c.model = ml_collections.ConfigDict(dict(

@@ -41,10 +41,7 @@ def _check_fields(config: Mapping[str, Any], schema: Mapping[str, Any],
       problems.append(f"missing field {prefix}{key}")
       continue
     value = config[key]
-    if key == "preprocess":  # Free-form: PreprocessConfig checks the keys.
-      if not isinstance(value, Mapping):
-        problems.append(f"{prefix}{key} must be a mapping")
-    elif isinstance(default, Mapping):
+    if isinstance(default, Mapping):
       if not isinstance(value, Mapping):
         problems.append(f"{prefix}{key} must be a group of fields")
       else:

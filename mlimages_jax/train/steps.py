@@ -146,7 +146,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   metrics = jax.lax.pmean(
       {"loss": data_loss, "weight_decay_loss": decay,
        "total_loss": data_loss + decay}, AXIS_NAME)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(
       metrics["grad_norm"])
   metrics["finite"] = finite.astype(jnp.float32)

@@ -26,10 +26,10 @@ from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
 from mlimages_jax.data import synthetic
 from mlimages_jax.inputs import pipeline
-from tfds_builder.ml_images import create_dummy_data as dummy
-from tfds_builder.ml_images import ml_images_dataset_builder as mib
+from mlimages_jax.datasets.ml_images import create_dummy_data as dummy
+from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class FullTest(tfds.testing.DatasetBuilderTestCase):
@@ -399,10 +399,10 @@ def test_tfds_build_commands(tmp_path):
   for args in (["--config=synthetic"],
                ["--config=openimages", f"--manual_dir={dummy.DUMMY_DATA}"],
                [as_given, f"--manual_dir={dummy.DUMMY_DATA}"]):
-    subprocess.run([str(tfds_cli), "build", "tfds_builder/ml_images", *args,
-                    f"--data_dir={data_dir}"], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-  import tfds_builder.ml_images  # noqa: F401  (registers ml_images)
+    subprocess.run([str(tfds_cli), "build", "mlimages_jax/datasets/ml_images",
+                    *args, f"--data_dir={data_dir}"], cwd=REPO_ROOT,
+                    check=True, capture_output=True)
+  import mlimages_jax.datasets.ml_images  # noqa: F401  (registers ml_images)
   built = tfds.builder("ml_images/synthetic", data_dir=str(data_dir))
   assert built.info.splits["train"].num_examples == 3000
   first = next(iter(tfds.as_numpy(built.as_dataset(split="validation"))))

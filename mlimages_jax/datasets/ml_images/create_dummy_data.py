@@ -1,7 +1,7 @@
 """Writes manual directories for the ml_images builder: `dummy_data/` and tests.
 
-`python -m tfds_builder.ml_images.create_dummy_data` regenerates the committed
-`dummy_data/` (deterministic: same bytes every run). Tests and the benchmark
+`python -m mlimages_jax.datasets.ml_images.create_dummy_data` regenerates the
+committed `dummy_data/` (deterministic: same bytes every run). Tests and the benchmark
 use the same functions to build bigger or deliberately broken directories.
 """
 

@@ -48,8 +48,9 @@ _JPEG_QUALITY = 95
 _COUNTER_NAMESPACE = "ml_images"
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-Run the acquisition tools (`mlimages acquire ...`), or arrange the files
-yourself, so that the manual directory (`--manual_dir=M`) holds:
+Run the acquisition tools (`mlimages download ...`, `mlimages imagenet21k
+extract ...`), or arrange the files yourself, so that the manual directory
+(`--manual_dir=M`) holds:
 
   M/dictionary_and_semantic_hierarchy.txt        (all configs but synthetic)
   M/cooccurrence_pairs.tsv                       (optional: co-occurrence pairs)

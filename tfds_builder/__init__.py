@@ -1,1 +1,0 @@
-"""TFDS dataset builders of this project (`tfds build tfds_builder/<name>`)."""
