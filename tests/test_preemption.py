@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -51,3 +52,22 @@ def test_preempted_says_how_to_resume():
       "Preempted: stopped at step 42 1.2 s after the signal; its checkpoint "
       "is complete. Run the same command again to resume from step 42.")
   assert preemption.EXIT_CODE == 75
+
+
+def test_a_run_in_another_thread_leaves_the_signals_alone(caplog):
+  """A notebook trains in a background thread, where Python cannot install
+  signal handlers: the run goes on without them."""
+  before = signal.getsignal(signal.SIGTERM)
+  result = {}
+
+  def run():
+    with caplog.at_level("INFO"):
+      with preemption.watch(start_step=0) as watcher:
+        result["stopped"] = any(watcher.reached(step) for step in range(1, 5))
+        result["handler"] = signal.getsignal(signal.SIGTERM)
+
+  thread = threading.Thread(target=run)
+  thread.start()
+  thread.join()
+  assert result == {"stopped": False, "handler": before}
+  assert "SIGTERM/SIGINT are not watched" in caplog.text

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Iterator
 
@@ -99,10 +100,20 @@ class Watcher:
 
 @contextlib.contextmanager
 def watch(start_step: int) -> Iterator[Watcher]:
-  """Installs the handlers (main thread only) for the duration of a run."""
+  """Installs the handlers for the duration of a run.
+
+  Python delivers signals to the main thread only, so a run started in
+  another thread (a notebook training in the background) leaves the signals
+  to the program that owns that thread; the preemption service of a
+  multi-process run still works there.
+  """
   watcher = Watcher(start_step)
   # With several processes the preemption service owns SIGTERM.
   signals = ((signal.SIGINT,) if jax.process_count() > 1 else SIGNALS)
+  if threading.current_thread() is not threading.main_thread():
+    logging.info("Training outside the main thread: SIGTERM/SIGINT are not "
+                 "watched (no checkpoint on a signal).")
+    signals = ()
   previous = {s: signal.signal(s, watcher.handle) for s in signals}
   try:
     yield watcher
