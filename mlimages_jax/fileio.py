@@ -27,6 +27,7 @@ import contextlib
 import io
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import IO, Iterator, Union
 
@@ -104,3 +105,28 @@ def append_text(path: PathLike, text: str) -> None:
     return
   with open(path, "a", encoding="utf-8") as f:
     f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *,
+                     overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """A temporary directory that becomes `path` (local) only if the block
+  succeeds; an existing `path` is replaced only then, with `overwrite`."""
+  path = pathlib.Path(path).resolve()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.",
+                                      dir=path.parent))
+  try:
+    yield tmp
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -7,7 +7,6 @@ import pytest
 import export_helpers as helpers
 from mlimages_jax.checkpoints import store
 from mlimages_jax.cli import main as cli_main
-from mlimages_jax.export import bundle
 
 
 @pytest.mark.parametrize("export_format", ["pytorch", "savedmodel"])
@@ -30,21 +29,3 @@ def test_checkpoint_not_matching_its_metadata_is_refused(
   assert str(checkpoint) in err
   assert not (tmp_path / "out").exists()
   assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # No temp left.
-
-
-def test_existing_output_is_kept_unless_overwrite(tmp_path):
-  out = tmp_path / "out"
-  out.mkdir()
-  (out / "old").write_text("x")
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    with bundle.atomic_directory(out):
-      pass
-  with pytest.raises(RuntimeError):
-    with bundle.atomic_directory(out, overwrite=True) as tmp:
-      (tmp / "new").write_text("y")
-      raise RuntimeError("export failed half-way")
-  assert sorted(p.name for p in out.iterdir()) == ["old"]
-  with bundle.atomic_directory(out, overwrite=True) as tmp:
-    (tmp / "new").write_text("y")
-  assert sorted(p.name for p in out.iterdir()) == ["new"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -61,3 +61,21 @@ def test_append_text(tmp_path, monkeypatch, remote):
   fileio.append_text(path, "a\n")
   fileio.append_text(path, "b\n")
   assert path.read_text() == "a\nb\n"
+
+
+def test_atomic_directory_keeps_the_existing_one_unless_overwrite(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "old").write_text("x")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    with fileio.atomic_directory(out):
+      pass
+  with pytest.raises(RuntimeError):
+    with fileio.atomic_directory(out, overwrite=True) as tmp:
+      (tmp / "new").write_text("y")
+      raise RuntimeError("export failed half-way")
+  assert sorted(p.name for p in out.iterdir()) == ["old"]
+  with fileio.atomic_directory(out, overwrite=True) as tmp:
+    (tmp / "new").write_text("y")
+  assert sorted(p.name for p in out.iterdir()) == ["new"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -30,8 +30,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -475,9 +473,17 @@ def load_for_inference(path: str | os.PathLike
     raise CheckpointError(f"{path}: no such checkpoint")
   if (path / INFERENCE_METADATA_FILE).is_file():
     metadata_path = path / INFERENCE_METADATA_FILE
-    metadata = json.loads(metadata_path.read_text())
-    validate_metadata(metadata, str(metadata_path))
-    variables = _restore_subtrees(path / _VARIABLES, ("params", "batch_stats"))
+    try:
+      metadata = json.loads(metadata_path.read_text())
+      validate_metadata(metadata, str(metadata_path))
+      variables = _restore_subtrees(path / _VARIABLES,
+                                    ("params", "batch_stats"))
+    except CheckpointError:
+      raise
+    except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
+      raise CheckpointError(
+          f"{path}: cannot read the checkpoint ({type(e).__name__}: "
+          f"{_first_line(e)})") from e
     return variables, metadata
   candidates = _training_step_dirs(path)
   for step_dir in candidates[:-1]:
@@ -522,18 +528,6 @@ def save_inference_checkpoint(path: str | os.PathLike,
       path.rmtree()
     write(path)
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  try:
-    write(tmp)
-    if path.exists():
-      old = path.with_name(f".{path.name}.old-{os.getpid()}")
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with fileio.atomic_directory(path, overwrite=True) as tmp:
+    write(epath.Path(tmp))
   return path

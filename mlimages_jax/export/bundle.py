@@ -9,13 +9,10 @@ or not at all (written in a temporary directory next to it, then renamed).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from mlimages_jax.checkpoints import store
@@ -33,14 +30,7 @@ def load_checked(checkpoint: str | os.PathLike[str]
   or misshaped array.
   """
   source = os.path.abspath(checkpoint)
-  try:
-    variables, metadata = store.load_for_inference(checkpoint)
-  except store.CheckpointError:
-    raise
-  except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
-    raise store.CheckpointError(
-        f"{source}: cannot read the checkpoint ({type(e).__name__}: {e})"
-    ) from e
+  variables, metadata = store.load_for_inference(checkpoint)
   spec = metadata["model"]
   model = resnet.create_model(int(spec["depth"]), int(spec["num_classes"]),
                               width_multiplier=float(spec["width_multiplier"]))
@@ -81,27 +71,3 @@ def write_classes(directory: pathlib.Path,
   with open(directory / CLASSES_FILE, "w", encoding="utf-8") as f:
     json.dump({"ids": metadata["classes"]["ids"],
                "names": metadata["classes"]["names"]}, f, indent=1)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], *,
-                     overwrite: bool = False) -> Iterator[pathlib.Path]:
-  """A temporary directory that becomes `path` only if the block succeeds."""
-  path = pathlib.Path(path).resolve()
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.",
-                                      dir=path.parent))
-  try:
-    yield tmp
-    if path.exists():
-      old = path.with_name(f".{path.name}.old-{os.getpid()}")
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from mlimages_jax import fileio
 from mlimages_jax.export import bundle
 
 FORMAT = "mlimages-jax-pytorch"
@@ -79,7 +80,7 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
             "input": "float32 NCHW, uint8 pixels x 2/255 - 1 "
                      "(mlimages_resnet.normalize)",
             "outputs": ["logits", "features"]}
-  with bundle.atomic_directory(out, overwrite=overwrite) as tmp:
+  with fileio.atomic_directory(out, overwrite=overwrite) as tmp:
     save_file(torch_state_dict(variables), tmp / WEIGHTS_FILE,
               metadata={"format": FORMAT})
     shutil.copyfile(TORCH_MODULE, tmp / MODULE_FILE)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import tensorflow as tf
 from jax.experimental import jax2tf
 
+from mlimages_jax import fileio
 from mlimages_jax.export import bundle
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
@@ -70,7 +71,7 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     return converted(module.variables_, images)
 
   module.serve = serve
-  with bundle.atomic_directory(out, overwrite=overwrite) as tmp:
+  with fileio.atomic_directory(out, overwrite=overwrite) as tmp:
     tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serve})
     with open(tmp / EXPORT_FILE, "w", encoding="utf-8") as f:
       json.dump({**bundle.describe(metadata, os.fspath(checkpoint), FORMAT),

@@ -84,14 +84,7 @@ class LoadedModel:
   @classmethod
   def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
     """Loads any checkpoint kind; unreadable ones raise CheckpointError."""
-    try:
-      variables, metadata = store.load_for_inference(checkpoint)
-    except store.CheckpointError:
-      raise
-    except Exception as e:  # Orbax/TensorStore errors of a corrupt directory.
-      raise store.CheckpointError(
-          f"{checkpoint}: cannot read the checkpoint ({type(e).__name__}: "
-          f"{e})") from e
+    variables, metadata = store.load_for_inference(checkpoint)
     return cls(variables, metadata, source=str(fileio.as_path(checkpoint)))
 
   @property
