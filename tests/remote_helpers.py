@@ -74,7 +74,8 @@ def route_ram_through_epath(monkeypatch: pytest.MonkeyPatch) -> str:
 # A GCS emulator on 127.0.0.1 that every layer reaches: Orbax's arrays
 # (TensorStore) and everything epath, TFDS and TensorBoard write (tf.io.gfile).
 #
-# TensorStore takes its GCS endpoint from TENSORSTORE_GCS_HTTP_URL. TF's GCS
+# TensorStore takes its GCS endpoint from TENSORSTORE_GCS_HTTP_URL, and
+# google-cloud-storage (Orbax's bucket look-up) from STORAGE_EMULATOR_HOST. TF's GCS
 # filesystem has no endpoint setting: it calls https://www.googleapis.com and
 # https://storage.googleapis.com (hard-coded in TF 2.21), through libcurl, which
 # honours https_proxy and TF's CURL_CA_BUNDLE. `_EmulatorProxy` is that proxy:
@@ -233,6 +234,9 @@ def gcs_emulator(directory: str) -> Iterator[dict[str, str]]:
   try:
     yield {
         "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+        # google-cloud-storage, which Orbax asks whether a bucket has
+        # hierarchical namespace before listing its steps.
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "NO_GCE_CHECK": "true",
         "https_proxy": f"http://127.0.0.1:{proxy.port}",
