@@ -122,3 +122,24 @@ def test_evaluate_and_init_checkpoint_from_gcs(gcs_run, env):
                f"--config.init_checkpoint={run}",
                "--config.num_train_steps=1")
   assert f"config.init_checkpoint: step 6 of {run}" in log
+
+
+@pytest.mark.slow
+def test_classify_from_gcs_equals_local(gcs_run, env, tmp_path):
+  """`mlimages classify --checkpoint gs://... --out gs://...` reads the
+  checkpoint and writes its predictions on GCS; they equal those of the
+  bit-identical local checkpoint (exact: same program, same weights)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  run, local = gcs_run
+  image = tmp_path / "image.png"
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+  outputs = {}
+  for checkpoint, out in ((run, f"gs://{remote_helpers.GCS_BUCKET}/top.tsv"),
+                          (str(local), str(tmp_path / "top.tsv"))):
+    _run([sys.executable, "-m", "mlimages_jax", "classify", str(image),
+          "--checkpoint", checkpoint, "--top-k", "3", "--preprocess", "eval",
+          "--out", out, "--no-progress"], env)
+    outputs[checkpoint] = epath.Path(out).read_text()
+  assert outputs[run] == outputs[str(local)]
+  assert len(outputs[run].splitlines()) >= 3
