@@ -18,6 +18,7 @@ from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 
 import remote_helpers
@@ -129,7 +130,6 @@ def test_classify_from_gcs_equals_local(gcs_run, env, tmp_path):
   """`mlimages classify --checkpoint gs://... --out gs://...` reads the
   checkpoint and writes its predictions on GCS; they equal those of the
   bit-identical local checkpoint (exact: same program, same weights)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   run, local = gcs_run
   image = tmp_path / "image.png"
   Image.fromarray(np.random.default_rng(0).integers(
