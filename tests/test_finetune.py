@@ -250,13 +250,11 @@ def test_frozen_stages_stay_bit_identical_while_the_rest_moves(
 
 
 def _main(workdir: pathlib.Path, data_dir: pathlib.Path, init: pathlib.Path,
-          cache: pathlib.Path, steps: int) -> subprocess.CompletedProcess:
+          steps: int) -> subprocess.CompletedProcess:
   """The smoke fine-tune (FixBlock2) through main.py on 2 CPU devices; the
-  compilation cache is shared so that restarts reuse the executables."""
+  compilation cache (conftest's) lets restarts reuse the executables."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             TF_CPP_MIN_LOG_LEVEL="2")
   result = subprocess.run(
       [sys.executable, str(REPO / "main.py"),
        f"--config={REPO / 'configs' / 'finetune_imagenet.py'}:smoke",
@@ -280,8 +278,7 @@ def test_main_fine_tunes_switches_size_and_resumes_exactly(
   at 5 (after it) and restarted ends bit-identical to an uninterrupted run:
   each restart rebuilt the iterator at the right size and data position."""
   init, saved = pretrained
-  cache = tmp_path / "jax_cache"
-  full = _main(tmp_path / "full", data_dir, init, cache, 6)
+  full = _main(tmp_path / "full", data_dir, init, 6)
   assert "Initialised all but the 'logits' head" in full.stderr
   assert "step 5: training images now 40 px." in full.stderr
   final = _lines(tmp_path / "full")[-1]
@@ -297,7 +294,7 @@ def test_main_fine_tunes_switches_size_and_resumes_exactly(
                                 saved.params["init_conv"]["kernel"])
 
   for steps in (4, 5, 6):
-    resumed = _main(tmp_path / "resumed", data_dir, init, cache, steps)
+    resumed = _main(tmp_path / "resumed", data_dir, init, steps)
   assert "training images now" not in resumed.stderr  # Started at 40 px.
   restored, _ = store.load_for_inference(tmp_path / "resumed")
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):

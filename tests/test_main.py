@@ -29,14 +29,11 @@ SYNTHETIC_CLASSES = 45
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-  """Subprocess environment: 2 CPU devices and a shared compilation cache
-  (runs after the first reuse its executables, like a restarted job would)."""
-  cache = tmp_path_factory.mktemp("jax_cache")
+  """Subprocess environment: 2 CPU devices (and conftest's compilation cache:
+  runs after the first reuse its executables, like a restarted job would)."""
   return dict(
       os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+      TF_CPP_MIN_LOG_LEVEL="2")
 
 
 @pytest.fixture(scope="module")

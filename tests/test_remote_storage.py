@@ -39,10 +39,7 @@ def env(tmp_path_factory) -> dict[str, str]:
         monkeypatch.setenv(name, value)
       yield dict(
           os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-          TF_CPP_MIN_LOG_LEVEL="2",
-          JAX_COMPILATION_CACHE_DIR=str(directory / "jax_cache"),
-          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+          TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _run(command: list[str], env: dict[str, str]) -> str:
