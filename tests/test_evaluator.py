@@ -284,17 +284,7 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
       checkpoint_dirs["multi"], workdir=tmp_path / "ref", **kwargs)
   assert [p.name for p in (tmp_path / "ref").iterdir()] == [
       evaluator.RESULTS_FILE]  # Progress and spilled scores are cleaned up.
-  updates = []
-  real_update = metrics.MultiLabelAccumulator.update
-
-  def dies_on_third_batch(self, *args, **update_kwargs):
-    updates.append(1)
-    if len(updates) == 3:
-      raise KeyboardInterrupt
-    real_update(self, *args, **update_kwargs)
-
-  monkeypatch.setattr(metrics.MultiLabelAccumulator, "update",
-                      dies_on_third_batch)
+  updates = _die_on_third_batch(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
                                  workdir=tmp_path / "w", **kwargs)
@@ -307,6 +297,23 @@ def test_killed_evaluation_resumes(data_dir, checkpoint_dirs, tmp_path,
               "per_class", "decode_failures"):
     assert resumed["results"]["32"][key] == reference["results"]["32"][key]
   assert not (tmp_path / "w" / evaluator.PROGRESS_DIR).exists()
+
+
+def _die_on_third_batch(monkeypatch) -> list[int]:
+  """Makes the accumulator's third update raise KeyboardInterrupt (a kill
+  mid-evaluation); returns the list that counts the updates."""
+  real_update = metrics.MultiLabelAccumulator.update
+  updates = []
+
+  def dies_on_third_batch(self, *args, **update_kwargs):
+    updates.append(1)
+    if len(updates) == 3:
+      raise KeyboardInterrupt
+    real_update(self, *args, **update_kwargs)
+
+  monkeypatch.setattr(metrics.MultiLabelAccumulator, "update",
+                      dies_on_third_batch)
+  return updates
 
 
 def test_remote_data_dir_and_workdir(data_dir, checkpoint_dirs, tmp_path,
@@ -332,17 +339,7 @@ def test_remote_data_dir_and_workdir(data_dir, checkpoint_dirs, tmp_path,
   workdir = f"{root}/eval"
   progress = evaluator._progress_root(epath.Path(workdir))  # pylint: disable=protected-access
   assert not str(progress).startswith("ram:")  # A local directory.
-  real_update = metrics.MultiLabelAccumulator.update
-  updates = []
-
-  def dies_on_third_batch(self, *args, **update_kwargs):
-    updates.append(1)
-    if len(updates) == 3:
-      raise KeyboardInterrupt
-    real_update(self, *args, **update_kwargs)
-
-  monkeypatch.setattr(metrics.MultiLabelAccumulator, "update",
-                      dies_on_third_batch)
+  updates = _die_on_third_batch(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     evaluator.evaluate_checkpoint(checkpoint_dirs["multi"],
                                   data_dir=f"{root}/tfds", workdir=workdir,
