@@ -75,3 +75,20 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def real_hierarchy_path(shared_dir: pathlib.Path) -> pathlib.Path:
   return shared_dir / "dictionary_and_semantic_hierarchy.txt"
+
+
+def assert_same_checkpoint(want_workdir: str | os.PathLike[str],
+                           got_workdir: str | os.PathLike[str],
+                           step: int) -> None:
+  """The train states two runs saved at `step` (local or gs://) are
+  bit-identical: what every resume test must show."""
+  import jax  # noqa: PLC0415  (conftest stays light to import)
+  import numpy as np  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415
+  want, got = (ocp.StandardCheckpointer().restore(
+      epath.Path(workdir) / "checkpoints" / str(step) / "state")
+               for workdir in (want_workdir, got_workdir))
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)

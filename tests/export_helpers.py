@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from conftest import shared_ml_images_dir
 from mlimages_jax.checkpoints import store
+from mlimages_jax.cli import main as cli_main
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 
@@ -71,6 +72,15 @@ def save_checkpoint(name: str, path: pathlib.Path) -> pathlib.Path:
       class_ids=[f"n{i:08d}" for i in range(classes)],
       class_names=[f"class {i}" for i in range(classes)], step=5)
   return store.save_inference_checkpoint(path, variables, metadata)
+
+
+def export(name: str, root: pathlib.Path, export_format: str) -> pathlib.Path:
+  """Saves network `name` under `root` and exports it with the real CLI."""
+  checkpoint = save_checkpoint(name, root / "ckpt")
+  out = root / export_format
+  assert cli_main(["export", "--checkpoint", str(checkpoint), "--format",
+                   export_format, "--out", str(out)]) == 0
+  return out
 
 
 def inputs(name: str) -> dict[str, np.ndarray]:

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import assert_same_checkpoint
 from mlimages_jax.checkpoints import store
 from mlimages_jax.train import loop
 from mlimages_jax.train import schedule as schedule_lib
@@ -189,10 +189,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_dir, env,
   result = _run(_command(resumed, data_dir, *overrides), env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from step {max(done)} of 80" in result.stderr
-  want, got = _state_tree(reference, 80), _state_tree(resumed, 80)
-  assert jax.tree.structure(want) == jax.tree.structure(got)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(reference, resumed, 80)
   # Logged once per step: the lines past the restored step were replaced.
   def summary(workdir):
     return [(l["step"], l.get("loss"), l.get("mAP")) for l in _lines(workdir)]
@@ -265,10 +262,7 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   result = _run(command, env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from step {stopped} of 8" in result.stderr
-  want, got = _state_tree(smoke_run, 6), _state_tree(workdir, 6)
-  assert jax.tree.structure(want) == jax.tree.structure(got)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(smoke_run, workdir, 6)
   # Every evaluation once (a stop at an evaluation step evaluates first);
   # training lines also at the two stops.
   lines = _lines(workdir)
@@ -316,6 +310,4 @@ def test_full_disk_during_a_save_keeps_older_checkpoints(tmp_path, data_dir,
   assert "the save never finished" in result.stderr
   assert [p.name for p in (workdir / "checkpoints_bad").iterdir()] == [
       "6-unfinished-save"]
-  want, got = _state_tree(smoke_run, 6), _state_tree(workdir, 6)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(smoke_run, workdir, 6)

@@ -27,6 +27,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import assert_same_checkpoint
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import pretrain  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -384,8 +386,6 @@ def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
   """SIGINT to process 1 during an evaluation: both processes save the same
   step (with both input positions) and exit with 75; the same command
   resumes and ends with the train state of the uninterrupted run."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   workdir, port = tmp_path / "work", _free_port()
   command = [sys.executable, str(REPO / "main.py"),
              f"--config={REPO / 'configs' / 'pretrain.py'}:smoke",
@@ -424,12 +424,7 @@ def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
   logs = _run_main(workdir, data_dir, ENV, "resumed",
                    "--config.eval_every_steps=2")
   assert f"Resumed from step {stopped[0]} of 6" in logs[0]
-  want, got = (ocp.StandardCheckpointer().restore(
-      path / "checkpoints" / "6" / "state") for path in (smoke_workdir,
-                                                         workdir))
-  assert jax.tree.structure(want) == jax.tree.structure(got)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(smoke_workdir, workdir, 6)
 
 
 def _evaluated_halves(variables, data_dir: pathlib.Path

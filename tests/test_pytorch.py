@@ -16,7 +16,6 @@ import sys
 import pytest
 
 import export_helpers as helpers
-from mlimages_jax.cli import main as cli_main
 from mlimages_jax.models import resnet
 
 torch = pytest.importorskip("torch")  # Test-only (CPU build).
@@ -34,10 +33,7 @@ def _import_exported(directory: pathlib.Path):
 @pytest.fixture(scope="module", params=sorted(helpers.NETWORKS))
 def exported(request, tmp_path_factory):
   root = tmp_path_factory.mktemp(request.param)
-  checkpoint = helpers.save_checkpoint(request.param, root / "ckpt")
-  assert cli_main(["export", "--checkpoint", str(checkpoint), "--format",
-                   "pytorch", "--out", str(root / "pt")]) == 0
-  return request.param, root / "pt"
+  return request.param, helpers.export(request.param, root, "pytorch")
 
 
 def test_same_logits_and_features_as_our_model(exported):

@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 from etils import epath
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from conftest import assert_same_checkpoint
 import remote_helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,11 +56,6 @@ def _train(workdir: str, env: dict[str, str], *overrides: str) -> str:
                *overrides], env)
 
 
-def _state(workdir: str, step: int):
-  return ocp.StandardCheckpointer().restore(
-      epath.Path(workdir) / "checkpoints" / str(step) / "state")
-
-
 @pytest.fixture(scope="module")
 def gcs_run(env, tmp_path_factory) -> tuple[str, pathlib.Path]:
   """The smoke run (6 steps) on gs://, stopped after step 3 then resumed by
@@ -80,10 +74,7 @@ def test_resumed_gcs_run_equals_local_run(gcs_run):
   """Checkpoints written to and restored from GCS lose nothing: the resumed
   run ends bit-identical to the uninterrupted local one (same devices)."""
   run, local = gcs_run
-  want, got = _state(str(local), 6), _state(run, 6)
-  assert jax.tree.structure(want) == jax.tree.structure(got)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(local, run, 6)
   workdir = epath.Path(run)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
       "3", "6"]

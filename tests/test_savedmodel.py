@@ -18,7 +18,6 @@ import pytest
 
 import export_helpers as helpers
 from mlimages_jax.checkpoints import store
-from mlimages_jax.cli import main as cli_main
 from mlimages_jax.export import savedmodel
 
 # Plain TensorFlow: serve the exported signature on saved inputs.
@@ -41,16 +40,14 @@ np.savez(sys.argv[3], **{f'{k}/{n}': v for k, o in outputs.items()
 def served(request, tmp_path_factory):
   """(network name, export dir, our inputs, the SavedModel's outputs)."""
   root = tmp_path_factory.mktemp(request.param)
-  checkpoint = helpers.save_checkpoint(request.param, root / "ckpt")
-  assert cli_main(["export", "--checkpoint", str(checkpoint), "--format",
-                   "savedmodel", "--out", str(root / "sm")]) == 0
+  exported = helpers.export(request.param, root, "savedmodel")
   inputs = helpers.inputs(request.param)
   np.savez(root / "inputs.npz", **inputs)
-  subprocess.run([sys.executable, "-c", _SERVE, str(root / "sm"),
+  subprocess.run([sys.executable, "-c", _SERVE, str(exported),
                   str(root / "inputs.npz"), str(root / "outputs.npz")],
                  check=True)
   with np.load(root / "outputs.npz") as outputs:
-    return request.param, root / "sm", inputs, dict(outputs)
+    return request.param, exported, inputs, dict(outputs)
 
 
 def test_same_probabilities_and_features_as_our_model(served):
