@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -130,10 +131,11 @@ def test_step_inputs_apply_the_colour_the_pipeline_drew():
   np.testing.assert_allclose(distorted[1], plain[1], atol=1e-6)
 
 
-def _pmapped_step(config, model, tx, bn_modules, num_devices):
+def _pmapped_step(config, model, tx, bn_modules, num_devices, **kwargs):
   """`train_step` over the first `num_devices` CPU devices, on host trees."""
   step = jax.pmap(functools.partial(steps_lib.train_step, model=model, tx=tx,
-                                    config=config, bn_modules=bn_modules),
+                                    config=config, bn_modules=bn_modules,
+                                    **kwargs),
                   axis_name=distributed.AXIS_NAME,
                   devices=jax.local_devices()[:num_devices])
 
@@ -149,13 +151,15 @@ def _pmapped_step(config, model, tx, bn_modules, num_devices):
 
 
 @pytest.mark.slow
-def test_accumulated_micro_batches_equal_the_unaccumulated_step():
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "unrolled"])
+def test_accumulated_micro_batches_equal_the_unaccumulated_step(loop):
   """4 micro-batches of 2 on one device = one step of 2 per device on 4
   devices (per-device BN sees the same 2 images either way), step after
   step from the same state; the adaptive loss's coefficients are those of
   its positivity groups of 4, which span micro-batches, not of each
   micro-batch. (One group, the default, runs the same code: test_losses
-  checks groups against it.)"""
+  checks groups against it.) Both forms of accumulation: the loop
+  (accelerators) and unrolled (CPU)."""
   config = pretrain.get_config("smoke")
   config.schedule.base_lr = 0.005
   config.loss.positivity_batch_size = 4
@@ -168,7 +172,8 @@ def test_accumulated_micro_batches_equal_the_unaccumulated_step():
   plain_step = _pmapped_step(config, model, tx, bn_modules, 4)
   config = config.copy_and_resolve_references()
   config.accumulate_steps = 4
-  accumulated_step = _pmapped_step(config, model, tx, bn_modules, 1)
+  accumulated_step = _pmapped_step(config, model, tx, bn_modules, 1,
+                                   loop_micro_batches=loop)
   rng = np.random.default_rng(5)
   for _ in range(3):
     # Class k is positive in example k only: each micro-batch alone would
@@ -203,3 +208,45 @@ def test_accumulated_micro_batches_equal_the_unaccumulated_step():
   # Group 1 (examples 4-7) came last: its classes 4-7 are positive in a run
   # of 1 group, those of group 0 were reset by it.
   assert state.loss_state.pos_count[:8].tolist() == [0.0] * 4 + [1.0] * 4
+
+
+def _convolutions_in_loops(jaxpr, in_loop: bool = False) -> int:
+  """How many convolutions of `jaxpr` run inside a scan or while loop."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    inside = in_loop or eqn.primitive.name in ("scan", "while")
+    if eqn.primitive.name == "conv_general_dilated":
+      count += inside
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _convolutions_in_loops(sub, inside)
+  return count
+
+
+def test_default_step_runs_the_network_outside_any_loop():
+  """The default step (no accumulation) must be the network itself, not a
+  loop around it: a one-trip scan made the demo's step 5x slower on CPU
+  (XLA left its weight-gradient convolutions in a slow form)."""
+  config = pretrain.get_config("smoke")
+  model = state_lib.create_model(config, NUM_CLASSES)
+  tx = optimizer_lib.create_optimizer(
+      config, schedule_lib.create_learning_rate_fn(config))
+  state = state_lib.create_train_state(jax.random.PRNGKey(0), model,
+                                       IMAGE_SIZE, tx)
+  batch = {"image": np.zeros((4, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+           "labels": np.zeros((4, NUM_CLASSES), np.float32),
+           "mask": np.ones(4, np.float32)}
+  bn_modules = optimizer_lib.batch_norm_modules(state.batch_stats)
+
+  def in_loops(accumulate_steps, **kwargs):
+    config.accumulate_steps = accumulate_steps
+    step = functools.partial(steps_lib.train_step, model=model, tx=tx,
+                             config=config, bn_modules=bn_modules, **kwargs)
+    jaxpr = jax.make_jaxpr(step, axis_env=[(distributed.AXIS_NAME, 1)])(
+        state, batch).jaxpr
+    return _convolutions_in_loops(jaxpr)
+
+  assert in_loops(1) == 0
+  # The check sees a loop where there is one: accumulation on accelerators
+  # has its network in a loop; unrolled (CPU) it has none.
+  assert in_loops(2) > 0
+  assert in_loops(2, loop_micro_batches=False) == 0

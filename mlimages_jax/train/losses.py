@@ -163,6 +163,9 @@ def adaptive_weights(labels: jnp.ndarray, state: LossState, rng: jax.Array,
     coef, counters = class_coefficients(*group_inputs, counters)
     return counters, coef
 
+  if positive.shape[0] == 1:  # One group (the default): no loop.
+    coef, new_state = class_coefficients(positive[0], selected[0], state)
+    return jnp.broadcast_to(coef, labels.shape), new_state
   new_state, coefs = jax.lax.scan(one_group, state, (positive, selected))
   return coefs[group], new_state
 

@@ -10,7 +10,7 @@ statistics, logged losses) and the adaptive loss's class positivity count
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -74,7 +74,8 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
                model: resnet.ResNet, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
                bn_modules: frozenset[tuple[str, ...]],
-               learning_rate_fn: optax.Schedule | None = None
+               learning_rate_fn: optax.Schedule | None = None,
+               loop_micro_batches: bool = True
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One SGD step on one device's shard; run under pmap(axis_name='batch').
 
@@ -93,40 +94,41 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   times the devices; on the same devices it differs only in that BN
   normalises each micro-batch with its own statistics (B/A per device
   instead of B; with sync BN, the micro-batch across devices) and the moving
-  averages are the mean of A updates from those statistics.
+  averages are the mean of A updates from those statistics. The
+  micro-batches run in a loop (`loop_micro_batches`, the point of
+  accumulating: one micro-batch's activations in memory) or unrolled (for
+  XLA's CPU backend, see `_accumulate`).
   """
   # The same key on every device: the adaptive loss's negative-class sampling
   # must agree everywhere so that all devices keep identical counters.
   rng = jax.random.fold_in(state.rng, state.step)
   weights, loss_state = _loss_weights(config, batch["labels"],
                                       state.loss_state, rng)
-  micro_batches = dict(batch)
+  micro_batch = dict(batch)
   if weights is not None:
-    micro_batches["weights"] = weights
-  count = config.accumulate_steps
-  micro_batches = jax.tree.map(
-      lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]),
-      micro_batches)
+    micro_batch["weights"] = weights
 
-  def micro_loss(params, micro):
-    (logits, _), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        model_inputs(micro), train=True, mutable=["batch_stats"])
-    data_loss = _data_loss(config, logits, micro["labels"],
-                           micro.get("weights"))
-    return data_loss, updates["batch_stats"]
-
-  def accumulate(totals, micro):
+  def micro_step(micro):
+    """(grads, BN statistics, data loss) of one micro-batch."""
+    def micro_loss(params):
+      (logits, _), updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats},
+          model_inputs(micro), train=True, mutable=["batch_stats"])
+      data_loss = _data_loss(config, logits, micro["labels"],
+                             micro.get("weights"))
+      return data_loss, updates["batch_stats"]
     (data_loss, batch_stats), grads = jax.value_and_grad(
-        micro_loss, has_aux=True)(state.params, micro)
-    return jax.tree.map(jnp.add, totals, (grads, batch_stats, data_loss)), None
+        micro_loss, has_aux=True)(state.params)
+    return grads, batch_stats, data_loss
 
-  zeros = jax.tree.map(jnp.zeros_like,
-                       (state.params, state.batch_stats, jnp.float32(0)))
-  # One micro-batch (the default) is unrolled: no loop around the step.
-  totals, _ = jax.lax.scan(accumulate, zeros, micro_batches,
-                           unroll=count == 1)
-  grads, batch_stats, data_loss = jax.tree.map(lambda t: t / count, totals)
+  count = config.accumulate_steps
+  if count == 1:
+    # The default: the network straight in the step's program, no loop
+    # around it (a one-trip scan made the demo's step 5x slower on CPU).
+    grads, batch_stats, data_loss = micro_step(micro_batch)
+  else:
+    grads, batch_stats, data_loss = _accumulate(
+        micro_step, micro_batch, count, loop_micro_batches)
   decay, decay_grads = jax.value_and_grad(optimizer.weight_decay_penalty)(
       state.params, bn_modules, config.optimizer.weight_decay,
       config.optimizer.weight_decay_bn)
@@ -159,6 +161,32 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
   return guarded.replace(step=state.step + 1), metrics
 
 
+def _accumulate(micro_step: Callable, batch: dict[str, jnp.ndarray],
+                count: int, loop: bool) -> Any:
+  """The mean of `micro_step` over `count` consecutive slices of `batch`.
+
+  With `loop` (accelerators) a ``fori_loop``: one copy of the network in
+  the program and one micro-batch's activations in memory. XLA's CPU
+  backend leaves the weight-gradient convolutions of a loop body in a form
+  it runs 3-4x slower (measured on the demo's network), so CPUs unroll: they
+  accumulate to emulate a larger batch, not to save memory.
+  """
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+
+  def micro(i):
+    return micro_step(jax.tree.map(lambda x: x[i], micro_batches))
+
+  if not loop:
+    totals = jax.tree.map(lambda *parts: sum(parts),
+                          *[micro(i) for i in range(count)])
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, 0))
+    totals = jax.lax.fori_loop(
+        0, count, lambda i, t: jax.tree.map(jnp.add, t, micro(i)), zeros)
+  return jax.tree.map(lambda t: t / count, totals)
+
+
 def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
   for key in path:
     tree = tree[key]
@@ -168,13 +196,17 @@ def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
 def pmap_train_step(model: resnet.ResNet, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
                     bn_modules: frozenset[tuple[str, ...]],
-                    learning_rate_fn: optax.Schedule | None = None
-                    ) -> Callable:
+                    learning_rate_fn: optax.Schedule | None = None,
+                    devices: Sequence[jax.Device] | None = None) -> Callable:
+  """`train_step` under ``pmap`` over `devices` (default: the local ones,
+  another platform's for compiling ahead, tools/compile_ahead.py)."""
+  platform = (devices or jax.local_devices())[0].platform
   return jax.pmap(
       functools.partial(train_step, model=model, tx=tx, config=config,
                         bn_modules=bn_modules,
-                        learning_rate_fn=learning_rate_fn),
-      axis_name=AXIS_NAME, donate_argnums=(0,))
+                        learning_rate_fn=learning_rate_fn,
+                        loop_micro_batches=platform != "cpu"),
+      axis_name=AXIS_NAME, donate_argnums=(0,), devices=devices)
 
 
 def check_finite(history: list[tuple[int, dict[str, np.ndarray]]],
