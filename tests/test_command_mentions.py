@@ -23,9 +23,10 @@ from mlimages_jax.cli import build_parser
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MARKDOWN = [REPO / "README.md",
-            REPO / "mlimages_jax/datasets/ml_images/README.md"]
+            REPO / "tfds_builder/ml_images/README.md"]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-SOURCES = sorted(p for folder in ("mlimages_jax", "configs", "benchmarks")
+SOURCES = sorted(p for folder in ("mlimages_jax", "tfds_builder", "configs",
+                                  "benchmarks")
                  for p in (REPO / folder).rglob("*.py")) + [REPO / "main.py"]
 
 _BACKTICKED = re.compile(r"`(mlimages [^`]*)`")

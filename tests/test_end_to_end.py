@@ -160,7 +160,7 @@ def test_acquisition_writes_closed_lists_and_images(sources, manual_dir):
 def data_dir(manual_dir, tmp_path_factory) -> pathlib.Path:
   data = tmp_path_factory.mktemp("tfds")
   tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
-  _run(str(tfds_cli), "build", "mlimages_jax/datasets/ml_images",
+  _run(str(tfds_cli), "build", "tfds_builder/ml_images",
        "--config=full", f"--manual_dir={manual_dir}", f"--data_dir={data}")
   return data
 

@@ -399,7 +399,7 @@ def test_tfds_build_commands(tmp_path):
   for args in (["--config=synthetic"],
                ["--config=openimages", f"--manual_dir={dummy.DUMMY_DATA}"],
                [as_given, f"--manual_dir={dummy.DUMMY_DATA}"]):
-    subprocess.run([str(tfds_cli), "build", "mlimages_jax/datasets/ml_images",
+    subprocess.run([str(tfds_cli), "build", "tfds_builder/ml_images",
                     *args, f"--data_dir={data_dir}"], cwd=REPO_ROOT,
                     check=True, capture_output=True)
   import mlimages_jax.datasets.ml_images  # noqa: F401  (registers ml_images)

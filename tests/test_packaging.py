@@ -125,8 +125,9 @@ def wheel(tmp_path_factory) -> pathlib.Path:
   src = tmp_path_factory.mktemp("src")
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(REPO / name, src / name)
-  shutil.copytree(REPO / "mlimages_jax", src / "mlimages_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("mlimages_jax", "tfds_builder"):
+    shutil.copytree(REPO / name, src / name,
+                    ignore=shutil.ignore_patterns("__pycache__"))
   dist = tmp_path_factory.mktemp("dist")
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                   "--no-build-isolation", "-q", "-w", str(dist), str(src)],
@@ -134,11 +135,24 @@ def wheel(tmp_path_factory) -> pathlib.Path:
   return next(dist.glob("mlimages_jax-*.whl"))
 
 
+def _checkout_files(folder: str, pattern: str, prefix: str) -> set[str]:
+  """The files of `folder` but test data, as the wheel would name them."""
+  paths = [p.relative_to(REPO / folder) for p in (REPO / folder).rglob(pattern)
+           if p.is_file()]
+  return {prefix + p.as_posix() for p in paths
+          if not {"__pycache__", "dummy_data"} & set(p.parts)}
+
+
 def test_wheel_installs_only_our_package(wheel):
-  names = zipfile.ZipFile(wheel).namelist()
+  """Every module of the package, and the TFDS builders of tfds_builder/
+  (all their files but the test data) as mlimages_jax.datasets.<name>."""
+  names = set(zipfile.ZipFile(wheel).namelist())
   assert {n.split("/")[0] for n in names} == {
       "mlimages_jax", wheel.name.split("-py3")[0] + ".dist-info"}
-  assert "mlimages_jax/datasets/ml_images/ml_images_dataset_builder.py" in names
+  wanted = (_checkout_files("mlimages_jax", "*.py", "mlimages_jax/") |
+            _checkout_files("tfds_builder", "*", "mlimages_jax/datasets/"))
+  assert "mlimages_jax/datasets/ml_images/checksums.tsv" in wanted
+  assert not wanted - names, f"not in the wheel: {sorted(wanted - names)}"
   assert not [n for n in names if "/dummy_data/" in n or "/tests/" in n]
 
 
@@ -182,10 +196,14 @@ def test_wheel_alone_installs_and_runs_every_command(wheel, tmp_path):
                                     result.stderr[-3000:])
     return result.stdout
 
-  location = run(python, "-c",
-                 "import mlimages_jax; print(mlimages_jax.__file__)")
-  assert location.startswith(str(tmp_path / "venv")), location
-  dummy = REPO / "mlimages_jax/datasets/ml_images/dummy_data"
+  # The package and the builder it ships (found, not run: no TensorFlow).
+  code = ("import importlib.util as u\n"
+          "for m in ('mlimages_jax', 'mlimages_jax.datasets.ml_images'):\n"
+          "  print(u.find_spec(m).origin)\n")
+  locations = run(python, "-c", code).split()
+  assert len(locations) == 2 and all(
+      p.startswith(str(tmp_path / "venv")) for p in locations), locations
+  dummy = REPO / "tfds_builder/ml_images/dummy_data"
   dictionary = dummy / "dictionary_and_semantic_hierarchy.txt"
   mlimages = bin_dir / "mlimages"
 

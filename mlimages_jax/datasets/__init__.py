@@ -1,5 +1,15 @@
 """TFDS dataset builders (spine: the dataset); importing one registers it.
 
-From a checkout: ``tfds build mlimages_jax/datasets/<name> ...``; from any
-install: ``tfds build <name> --imports=mlimages_jax.datasets.<name> ...``.
+The builders live in the checkout's top-level `tfds_builder/<name>/` (TFDS's
+folder layout: `tfds build tfds_builder/<name> ...` from a checkout); the
+wheel ships each one as `mlimages_jax.datasets.<name>` (pyproject's
+package-dir mapping), so from any install: ``tfds build <name>
+--imports=mlimages_jax.datasets.<name> ...``. In a checkout this package also
+looks in `tfds_builder/`, so the same import works from one copy of the code.
 """
+
+import pathlib
+
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[2] / "tfds_builder"
+if _CHECKOUT.is_dir():
+  __path__.append(str(_CHECKOUT))

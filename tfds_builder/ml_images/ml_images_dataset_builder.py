@@ -408,6 +408,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   DEFAULT_BUILDER_CONFIG_NAME = "full"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   builder_config_cls = MlImagesConfig
+  # TFDS looks for a builder's files (README.md, CITATIONS.bib, checksums.tsv,
+  # dummy_data/) where its module name points: mlimages_jax/datasets/ml_images,
+  # a folder of the wheel only; a checkout has them in tfds_builder/ml_images.
+  pkg_dir_path = epath.Path(__file__).parent
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
