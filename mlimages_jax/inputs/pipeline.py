@@ -272,6 +272,12 @@ def _fold(key: tf.Tensor, data) -> tf.Tensor:
       key, tf.cast(data, tf.int64))
 
 
+def _augment_seed(key: tf.Tensor, epoch, position) -> tf.Tensor:
+  """The seed of all that is random about the example at (epoch, position)
+  of the stream of the host `key` ([seed, process]), whatever the format."""
+  return _fold(_fold(_fold(key, epoch), _AUGMENT), position)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shard:
   """The host's shard files as tensors, in split order."""
@@ -533,7 +539,7 @@ def create_input_iterator(
     example = features.deserialize_example(record, decoders=decoders)
     extra = {}
     if training:
-      aug_key = _fold(_fold(_fold(key, epoch), _AUGMENT), position)
+      aug_key = _augment_seed(key, epoch, position)
       image = preprocessing.train_image(example["image"], aug_key,
                                         image_size=image_size, config=config)
       if colour_on_device:
