@@ -495,7 +495,8 @@ def create_input_iterator(
 
   builder = load_builder(dataset, data_dir, build_if_missing=build_if_missing)
   info = _info(builder, label_mode)
-  file_format = builder.info.file_format
+  # Builds from before TFDS recorded their format are TFRecords.
+  file_format = builder.info.file_format or tfds.core.FileFormat.TFRECORD
   if file_format not in _FORMATS:
     raise ValueError(f"{builder.info.full_name} is stored as "
                      f"{file_format.value}; the input pipeline reads "
