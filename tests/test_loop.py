@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
@@ -31,13 +32,16 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path):
 @pytest.mark.slow
 def test_checkpoints_record_the_datasets_label_closure(tmp_path):
   """A real build with the annotations as given: every checkpoint says so.
-  The run accumulates 2 micro-batches in positivity groups of 4."""
+  The run accumulates 2 micro-batches in positivity groups of 4. The build
+  is stored as array_record: training reads it by index, and the checkpoint
+  holds that iterator's position."""
   from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
   config_name = "synthetic_as_given"
   mib.Builder(config=mib.MlImagesConfig(
       name=config_name, kind="synthetic", parts=(), num_train=32,
       num_validation=16, image_size=32, label_closure="as_given"),
-              data_dir=str(tmp_path / "data")).download_and_prepare()
+              data_dir=str(tmp_path / "data"),
+              file_format="array_record").download_and_prepare()
   config = pretrain.get_config("smoke")
   config.dataset = f"ml_images/{config_name}"
   config.data_dir = str(tmp_path / "data")
@@ -52,3 +56,7 @@ def test_checkpoints_record_the_datasets_label_closure(tmp_path):
   checkpoints.close()
   assert metadata["step"] == 2
   assert metadata["label_closure"] == "as_given"
+  [position] = (tmp_path / "work").glob("**/2/**/process_0-of-1.bin")
+  position = json.loads(position.read_bytes())
+  assert position["file_format"] == "array_record"
+  assert (position["epoch"], position["position"]) == (0, 32)

@@ -2,7 +2,9 @@
 
 `TinyMlImages` has the `ml_images` features (image, file_name, source,
 labels, confidences, hierarchy metadata) and encodes each example's index in
-its labels, so every batch says which examples it holds.
+its labels, so every batch says which examples it holds. Its `clean` config
+is built twice: as TFRecords (`data_dir`) and as array_record
+(`array_record_dir`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -120,6 +123,21 @@ def data_dir(tmp_path_factory) -> str:
   return str(path)
 
 
+@pytest.fixture(scope="module")
+def array_record_dir(tmp_path_factory) -> str:
+  path = tmp_path_factory.mktemp("tfds_array_record")
+  TinyMlImages(config="clean", data_dir=path,
+               file_format="array_record").download_and_prepare(
+                   download_config=tfds.download.DownloadConfig(num_shards=4))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def builds(data_dir, array_record_dir) -> dict[str, str]:
+  """The data_dir of tiny_ml_images/clean in each file format."""
+  return {"tfrecord": data_dir, "array_record": array_record_dir}
+
+
 def make(data_dir, **overrides) -> pipeline.InputIterator:
   kwargs = dict(dataset="tiny_ml_images/clean", data_dir=data_dir,
                 split="train", global_batch_size=8, image_size=16,
@@ -139,6 +157,14 @@ def ids(batch) -> np.ndarray:
 
 def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
   return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(expected, actual) -> None:
+  assert len(expected) == len(actual)
+  for want, got in zip(expected, actual):
+    assert set(want) == set(got)
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
 
 
 def test_train_batch_shapes_dtypes_and_dense_labels(data_dir):
@@ -272,13 +298,9 @@ def test_eval_pixels_equal_eval_preprocessing(data_dir):
     np.testing.assert_array_equal(batch["image"][0, i], expected.numpy())
 
 
-# cycle_length 2 reads the 4 shard files of an epoch as 2 groups, so a
-# restore also skips whole groups; stop 11 restores 1 example before the end
-# of epoch 0 (44 of 45), stop 12 in epoch 1.
-@pytest.mark.parametrize("stop,cycle_length", [(2, 16), (6, 2), (11, 2),
-                                               (12, 2)])
-def test_restored_iterator_continues_exactly(data_dir, stop, cycle_length):
-  kwargs = dict(seed=5, global_batch_size=4, cycle_length=cycle_length)
+def assert_restores_exactly(data_dir: str, stop: int, **kwargs) -> None:
+  """Restored after `stop` batches of 4, the stream goes on as if never cut."""
+  kwargs = dict(seed=5, global_batch_size=4, **kwargs)
   uninterrupted = take(make(data_dir, **kwargs), 14)
   interrupted = make(data_dir, **kwargs)
   take(interrupted, stop)
@@ -286,15 +308,111 @@ def test_restored_iterator_continues_exactly(data_dir, stop, cycle_length):
   assert len(state) < 512
   restored = make(data_dir, **kwargs)
   restored.set_state(state)
-  for expected, actual in zip(uninterrupted[stop:], take(restored, 14 - stop)):
-    for key in expected:
-      np.testing.assert_array_equal(expected[key], actual[key])
+  assert_same_batches(uninterrupted[stop:], take(restored, 14 - stop))
 
 
-def test_state_of_a_different_pipeline_is_rejected(data_dir):
-  state = make(data_dir, seed=1).get_state()
+# cycle_length 2 reads the 4 shard files of an epoch as 2 groups, so a
+# restore also skips whole groups; stop 11 restores 1 example before the end
+# of epoch 0 (44 of 45), stop 12 in epoch 1.
+@pytest.mark.parametrize("stop,cycle_length", [(2, 16), (6, 2), (11, 2),
+                                               (12, 2)])
+def test_restored_iterator_continues_exactly(data_dir, stop, cycle_length):
+  assert_restores_exactly(data_dir, stop, cycle_length=cycle_length)
+
+
+def test_array_record_restores_exactly_mid_epoch(array_record_dir):
+  """Stop 11 is position 44 of epoch 0, mid-chunk (chunks of 5): the
+  restored stream finishes the chunk and the epoch and goes on to epoch 1."""
+  assert_restores_exactly(array_record_dir, 11, read_chunk=5)
+
+
+def test_array_record_eval_batches_equal_tfrecord_batches(builds):
+  """The same examples in the same order, bit for bit, on every host."""
+  process_count = 3
+  for index in range(process_count):
+    kwargs = dict(split="validation", mode="eval",
+                  global_batch_size=2 * process_count, process_index=index,
+                  process_count=process_count)
+    assert_same_batches(list(make(builds["tfrecord"], **kwargs)),
+                        list(make(builds["array_record"], **kwargs)))
+
+
+def examples_preprocessed(data_dir: str, stream_ids: np.ndarray, *,
+                          seed: int, image_size: int) -> dict[str, np.ndarray]:
+  """Rows of one host's training stream computed one by one: example
+  `stream_ids[i]` of the TFRecord build at (epoch, position) = divmod(i, 45),
+  preprocessed with that position's seed."""
+  records = tfds.builder("tiny_ml_images/clean", data_dir=data_dir).as_dataset(
+      split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  images = {int(ex["labels"][0]): ex["image"] for ex in records}
+  config = preprocessing.PreprocessConfig.for_mode("pretrain")
+  key = tf.constant([seed, 0], tf.int64)
+  rows = {"image": [], "colour": []}
+  for i, index in enumerate(stream_ids):
+    example_seed = pipeline._augment_seed(key, *divmod(i, SPLITS["train"]))
+    rows["image"].append(preprocessing.train_image(
+        images[index], example_seed, image_size=image_size, config=config))
+    rows["colour"].append(preprocessing.colour_parameters(example_seed,
+                                                          config=config))
+  return {"labels": np.stack([dense_reference(i) for i in stream_ids]),
+          **{k: np.stack(v) for k, v in rows.items()}}
+
+
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_training_rows_are_the_same_function_of_example_and_position(
+    builds, file_format):
+  """Either format, a training row is the tfrecord bytes of its example
+  preprocessed with the seed of its (epoch, position): bit-identical batches
+  for the same examples. 48 rows cross into epoch 1."""
+  batches = take(make(builds[file_format], seed=7, global_batch_size=16,
+                      local_device_count=1), 3)
+  stream = np.concatenate([ids(b) for b in batches])
+  expected = examples_preprocessed(builds["tfrecord"], stream, seed=7,
+                                   image_size=16)
+  for key, want in expected.items():
+    got = np.concatenate([b[key].reshape(16, *b[key].shape[2:])
+                          for b in batches])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_array_record_epochs_are_one_global_permutation_split_by_host(
+    array_record_dir):
+  """Each epoch is a permutation of the split by (seed, epoch) alone:
+  process p of 3 reads its third of it, so hosts are disjoint and complete
+  every epoch and each gets other examples each epoch (a global shuffle)."""
+  def epochs(process_index, process_count, num_epochs=2):
+    iterator = make(array_record_dir, global_batch_size=process_count,
+                    local_device_count=1, process_index=process_index,
+                    process_count=process_count)
+    size = iterator.host_num_examples
+    return np.concatenate([ids(b) for b in take(
+        iterator, num_epochs * size)]).reshape(num_epochs, size)
+
+  single = epochs(0, 1)
+  hosts = [epochs(p, 3) for p in range(3)]
+  assert [h.shape[1] for h in hosts] == [15, 15, 15]
+  for epoch, order in enumerate(single):
+    np.testing.assert_array_equal(np.sort(order), np.arange(45))
+    np.testing.assert_array_equal(
+        np.concatenate([h[epoch] for h in hosts]), order)
+  assert not np.array_equal(single[0], single[1])
+  assert not np.array_equal(single[0], np.arange(45))
+  assert set(hosts[0][0]) != set(hosts[0][1])
+
+
+def test_state_of_a_different_pipeline_is_rejected(builds):
+  state = make(builds["tfrecord"], seed=1).get_state()
   with pytest.raises(ValueError, match="seed"):
-    make(data_dir, seed=2).set_state(state)
+    make(builds["tfrecord"], seed=2).set_state(state)
+  # Another order: a tfrecord position is not an array_record one.
+  with pytest.raises(ValueError, match="file_format='tfrecord'"):
+    make(builds["array_record"], seed=1).set_state(state)
+  # States saved before array_record support still restore (tfrecord).
+  old = json.loads(state)
+  del old["file_format"]
+  make(builds["tfrecord"], seed=1).set_state(json.dumps(old).encode())
+  with pytest.raises(ValueError, match="file_format='tfrecord'"):
+    make(builds["array_record"], seed=1).set_state(json.dumps(old).encode())
 
 
 def test_eval_resumes_mid_pass(data_dir):

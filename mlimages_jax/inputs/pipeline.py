@@ -19,6 +19,18 @@ Design (why the iterator state is four integers and still exact):
   (reading bytes, no decoding); its cost does not grow with the dataset or the
   number of hosts, unlike replaying a shuffle buffer from the epoch start or
   saving the buffer itself (gigabytes).
+* Random access (array_record builds, read through TFDS's data source). The
+  order of an epoch is one permutation of the whole split,
+  `tf.random.experimental.index_shuffle` keyed by (seed, epoch) alone, so
+  every host computes the same one without materialising it; process p takes
+  its positions [n p / count, n (p + 1) / count): each epoch, each host gets
+  a fresh random part of the split (a true global shuffle), the parts
+  disjoint and together complete. Records are fetched by index in chunks and
+  parsed and preprocessed by the same graph as TFRecords, so the same example
+  at the same (epoch, position) gives the same pixels. The state is the same
+  four integers, and restoring replays nothing: the permutation starts at
+  `position`. Evaluation reads `split_for_jax_process(split)` in order, as the
+  TFRecord path does.
 * Per-example randomness (crop, flip, rotation, colour) is seeded by
   (seed, process, epoch, position), so a restored iterator also reproduces the
   augmentation.
@@ -44,9 +56,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,10 +70,13 @@ import tensorflow_datasets as tfds
 from mlimages_jax.inputs import preprocessing
 
 _STATE_FORMAT = "mlimages-jax-input-state"
+# What a state saved before a key joined the identity had.
+_IDENTITY_DEFAULTS = {"file_format": "tfrecord"}
 _MAX_EPOCHS = 2**62
-# Sub-streams of an epoch's key, so that file order, group shuffles and
-# augmentation draw independent randomness.
-_FILE_ORDER, _GROUP_SHUFFLE, _AUGMENT = 0, 1, 2
+# Sub-streams of an epoch's key, so that file order, group shuffles,
+# augmentation and the global order draw independent randomness.
+_FILE_ORDER, _GROUP_SHUFFLE, _AUGMENT, _GLOBAL_ORDER = 0, 1, 2, 3
+_FORMATS = (tfds.core.FileFormat.TFRECORD, tfds.core.FileFormat.ARRAY_RECORD)
 
 
 class DatasetNotBuiltError(FileNotFoundError):
@@ -201,27 +217,65 @@ def dataset_info(dataset: str, data_dir: str | None, *,
   return _info(load_builder(dataset, data_dir), label_mode)
 
 
+def _split_error(builder: tfds.core.DatasetBuilder, split: str,
+                 error: Exception) -> DatasetNotBuiltError:
+  return DatasetNotBuiltError(
+      f"split {split!r} not found in {builder.info.full_name} (splits: "
+      f"{sorted(builder.info.splits)}): {error}")
+
+
 def _file_instructions(builder: tfds.core.DatasetBuilder, split: str,
                        process_index: int, process_count: int):
   """This process's disjoint part of `split` as TFRecord file instructions."""
-  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-    raise ValueError(f"{builder.info.full_name} is stored as "
-                     f"{builder.info.file_format.value}; the input pipeline "
-                     "reads tfrecord datasets")
   try:
     sub = builder.info.splits[tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)]
     instructions = [fi for fi in sub.file_instructions if fi.take > 0]
   except (KeyError, ValueError, AssertionError) as e:
-    raise DatasetNotBuiltError(
-        f"split {split!r} not found in {builder.info.full_name} (splits: "
-        f"{sorted(builder.info.splits)}): {e}") from None
+    raise _split_error(builder, split, e) from None
   return instructions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Indexed:
+  """The host's part of an array_record split, read by index.
+
+  `source` holds the serialized examples of the split that the order
+  permutes (training: all of it; evaluation: the host's part); the host
+  reads its positions [offset, offset + size) of that order.
+  """
+  source: Sequence[bytes]
+  offset: int
+  size: int
+
+
+def _indexed(builder: tfds.core.DatasetBuilder, split: str, *, training: bool,
+             process_index: int, process_count: int) -> _Indexed:
+  """This process's part of `split` of an array_record build."""
+  host_split = split if training else tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  try:
+    source = builder.as_data_source(
+        host_split,
+        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except (KeyError, ValueError, AssertionError) as e:
+    raise _split_error(builder, split, e) from None
+  if not training:
+    return _Indexed(source, 0, len(source))
+  offset = len(source) * process_index // process_count
+  end = len(source) * (process_index + 1) // process_count
+  return _Indexed(source, offset, end - offset)
 
 
 def _fold(key: tf.Tensor, data) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(
       key, tf.cast(data, tf.int64))
+
+
+def _augment_seed(key: tf.Tensor, epoch, position) -> tf.Tensor:
+  """The seed of all that is random about the example at (epoch, position)
+  of the stream of the host `key` ([seed, process]), whatever the format."""
+  return _fold(_fold(_fold(key, epoch), _AUGMENT), position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +327,39 @@ def _epoch_records(shard: _Shard, key: tf.Tensor, epoch: tf.Tensor,
   positions = tf.data.Dataset.range(start, tf.int64.max)
   return tf.data.Dataset.zip(positions, records).map(
       lambda position, record: (epoch, position, record))
+
+
+def _read(source: Sequence[bytes], indices: tf.Tensor) -> tf.Tensor:
+  """The records at `indices` (int64 [n]), fetched in one call."""
+  def read(keys: np.ndarray) -> np.ndarray:
+    return np.array(source.__getitems__(keys.tolist()), dtype=object)
+
+  records = tf.numpy_function(read, [indices], tf.string, stateful=False)
+  records.set_shape(indices.shape)
+  return records
+
+
+def _indexed_epoch_records(host: _Indexed, key: tf.Tensor, epoch: tf.Tensor,
+                           start: tf.Tensor, *, shuffle: bool,
+                           read_chunk: int) -> tf.data.Dataset:
+  """(epoch, position, serialized example) of one epoch from `start` on.
+
+  `key` must be the same on every host: it picks the epoch's permutation.
+  """
+  order_key = _fold(_fold(key, epoch), _GLOBAL_ORDER)
+  max_index = tf.constant(len(host.source) - 1, tf.int64)
+
+  def read(positions):
+    indices = positions + host.offset
+    if shuffle:
+      indices = tf.random.experimental.index_shuffle(indices, order_key,
+                                                     max_index)
+    return positions, _read(host.source, indices)
+
+  return (tf.data.Dataset.range(start, host.size).batch(read_chunk)
+          .map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .unbatch()
+          .map(lambda position, record: (epoch, position, record)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,9 +442,10 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
     if values.get("format") != _STATE_FORMAT:
       raise ValueError("not an input-pipeline state")
     for key, expected in self._identity.items():
-      if values.get(key) != expected:
+      saved = values.get(key, _IDENTITY_DEFAULTS.get(key))
+      if saved != expected:
         raise ValueError(
-            f"input-pipeline state was saved with {key}={values.get(key)!r} "
+            f"input-pipeline state was saved with {key}={saved!r} "
             f"but this pipeline has {key}={expected!r}; the batch sequence "
             "cannot be resumed exactly")
     self._state = _State.from_bytes(state)
@@ -371,7 +459,7 @@ def create_input_iterator(
     process_index: int | None = None, process_count: int | None = None,
     local_device_count: int | None = None, transfer_dtype: str = "uint8",
     build_if_missing: bool = False, cycle_length: int = 16,
-    shuffle_buffer_size: int = 16_384) -> InputIterator:
+    shuffle_buffer_size: int = 16_384, read_chunk: int = 64) -> InputIterator:
   """Batches of `split` for this process, shaped [devices, per_device, ...].
 
   `mode` "pretrain"/"finetune" gives the endless shuffled, augmented training
@@ -381,6 +469,11 @@ def create_input_iterator(
   batches with colour on the device also carry `colour` float32
   [devices, per_device, preprocessing.COLOUR_PARAMS]: then the step calls
   `preprocessing.device_augment(image, colour)` instead of `normalize`.
+
+  TFRecord builds are read as shard files (`cycle_length` interleaved,
+  `shuffle_buffer_size`), array_record builds by index (`read_chunk` records
+  per call of TFDS's data source), with a global shuffle per epoch; see the
+  module docstring.
   """
   if transfer_dtype not in ("uint8", "float32"):
     raise ValueError(f"transfer_dtype must be 'uint8' or 'float32', not "
@@ -402,18 +495,39 @@ def create_input_iterator(
 
   builder = load_builder(dataset, data_dir, build_if_missing=build_if_missing)
   info = _info(builder, label_mode)
-  instructions = _file_instructions(builder, split, process_index,
-                                    process_count)
-  host_examples = sum(fi.take for fi in instructions)
+  # Builds from before TFDS recorded their format are TFRecords.
+  file_format = builder.info.file_format or tfds.core.FileFormat.TFRECORD
+  if file_format not in _FORMATS:
+    raise ValueError(f"{builder.info.full_name} is stored as "
+                     f"{file_format.value}; the input pipeline reads "
+                     "tfrecord and array_record datasets")
+  key = tf.constant([seed, process_index], tf.int64)
+  epoch_records: Callable[[tf.Tensor, tf.Tensor], tf.data.Dataset]
+  if file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    host = _indexed(builder, split, training=training,
+                    process_index=process_index, process_count=process_count)
+    host_examples = host.size
+    # No process in the key: every host permutes the split the same way.
+    epoch_records = functools.partial(
+        _indexed_epoch_records, host, tf.constant([seed, -1], tf.int64),
+        shuffle=training, read_chunk=read_chunk)
+  else:
+    instructions = _file_instructions(builder, split, process_index,
+                                      process_count)
+    host_examples = sum(fi.take for fi in instructions)
+    shard = _Shard(
+        files=tf.constant([fi.filename for fi in instructions]),
+        skips=tf.constant([fi.skip for fi in instructions], tf.int64),
+        takes=tf.constant([fi.take for fi in instructions], tf.int64))
+    # Evaluation reads the files one after the other: TFDS's split order.
+    epoch_records = functools.partial(
+        _epoch_records, shard, key, shuffle=training,
+        cycle_length=cycle_length if training else 1,
+        shuffle_buffer_size=shuffle_buffer_size)
   if host_examples == 0:
     raise ValueError(f"process {process_index} of {process_count} gets no "
                      f"examples of {dataset} {split!r}")
-  shard = _Shard(
-      files=tf.constant([fi.filename for fi in instructions]),
-      skips=tf.constant([fi.skip for fi in instructions], tf.int64),
-      takes=tf.constant([fi.take for fi in instructions], tf.int64))
   num_examples = builder.info.splits[split].num_examples
-  key = tf.constant([seed, process_index], tf.int64)
   features = builder.info.features
   decoders = {"image": tfds.decode.SkipDecoding()}
   num_classes = info.num_classes
@@ -426,7 +540,7 @@ def create_input_iterator(
     example = features.deserialize_example(record, decoders=decoders)
     extra = {}
     if training:
-      aug_key = _fold(_fold(_fold(key, epoch), _AUGMENT), position)
+      aug_key = _augment_seed(key, epoch, position)
       image = preprocessing.train_image(example["image"], aug_key,
                                         image_size=image_size, config=config)
       if colour_on_device:
@@ -459,19 +573,15 @@ def create_input_iterator(
                             / local_batch)
 
   def make_dataset(state: _State) -> tf.data.Dataset:
-    # Evaluation reads the files one after the other: TFDS's split order.
-    kwargs = dict(shuffle=training,
-                  cycle_length=cycle_length if training else 1,
-                  shuffle_buffer_size=shuffle_buffer_size)
     if training:
       start_epoch = tf.constant(state.epoch, tf.int64)
       start = tf.constant(state.position, tf.int64)
       ds = tf.data.Dataset.range(state.epoch, _MAX_EPOCHS).flat_map(
-          lambda e: _epoch_records(shard, key, e, tf.where(
-              e == start_epoch, start, tf.constant(0, tf.int64)), **kwargs))
+          lambda e: epoch_records(e, tf.where(
+              e == start_epoch, start, tf.constant(0, tf.int64))))
     else:
-      ds = _epoch_records(shard, key, tf.constant(0, tf.int64),
-                          tf.constant(state.position, tf.int64), **kwargs)
+      ds = epoch_records(tf.constant(0, tf.int64),
+                         tf.constant(state.position, tf.int64))
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     ds = ds.ignore_errors(log_warning=True)
@@ -491,7 +601,8 @@ def create_input_iterator(
     return ds.with_options(options)
 
   identity = {"dataset": dataset, "split": split, "mode": mode, "seed": seed,
-              "process_index": process_index, "process_count": process_count}
+              "process_index": process_index, "process_count": process_count,
+              "file_format": file_format.value}
   return InputIterator(
       make_dataset, identity=identity, num_classes=num_classes,
       num_examples=num_examples, host_num_examples=host_examples,
