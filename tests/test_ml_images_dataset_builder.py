@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mlimages_jax import decoding
 from mlimages_jax.data import annotations
 from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
@@ -300,6 +301,21 @@ def test_to_rgb_jpeg_rejects_garbage():
   assert mib.to_rgb_jpeg(jpeg) is jpeg
   with pytest.raises(mib.UndecodableImageError, match="(?i)truncated"):
     mib.to_rgb_jpeg(jpeg[:len(jpeg) // 2])
+
+
+def test_to_rgb_jpeg_applies_the_decode_policy(monkeypatch):
+  """Too many pixels (a lowered limit) is refused from the header; 16-bit
+  greyscale is scaled by >> 8 (it came out almost white: PIL clips)."""
+  deep = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+  buffer = io.BytesIO()
+  Image.fromarray(deep).save(buffer, "PNG")
+  stored = mib.to_rgb_jpeg(buffer.getvalue())
+  grey = np.asarray(Image.open(io.BytesIO(stored)).convert("L"), np.int64)
+  assert np.abs(grey - (deep >> 8)).max() <= 3  # JPEG error, not 255 - x.
+  monkeypatch.setattr(decoding, "MAX_PIXELS", 64 * 63)
+  with pytest.raises(mib.UndecodableImageError, match="too many pixels: "
+                     "64x64 = 4,096 > 4,032"):
+    mib.to_rgb_jpeg(buffer.getvalue())
 
 
 def test_bad_custom_configs_are_rejected():
