@@ -46,10 +46,14 @@ Source = Union[bytes, str, os.PathLike]
 
 
 class ImageRejected(ValueError):
-  """An image the policy refuses; `reason` is one short line."""
+  """An image the policy refuses; `reason` is one short line, `kind` one of
+  `KINDS` (for tools that count rejections by code)."""
 
-  def __init__(self, reason: str):
+  KINDS = ("too_many_pixels", "undecodable", "truncated", "corrupt")
+
+  def __init__(self, kind: str, reason: str):
     super().__init__(reason)
+    self.kind = kind
     self.reason = reason
 
 
@@ -81,17 +85,18 @@ def read_header(source: Source, max_pixels: int | None = None
     with _open(source) as image:
       header = ImageHeader(image.format or "?", *image.size, image.mode)
   except Image.DecompressionBombError as e:
-    raise ImageRejected(f"too many pixels ({e})") from None
+    raise ImageRejected("too_many_pixels", f"too many pixels ({e})") from None
   except Image.UnidentifiedImageError:
-    raise ImageRejected("not a decodable image") from None
+    raise ImageRejected("undecodable", "not a decodable image") from None
   except (OSError, SyntaxError, ValueError) as e:
-    raise ImageRejected(f"not a decodable image ({type(e).__name__}: {e})"
-                        ) from None
+    raise ImageRejected("undecodable", "not a decodable image "
+                        f"({type(e).__name__}: {e})") from None
   if header.width <= 0 or header.height <= 0:
-    raise ImageRejected(f"empty image ({header.width}x{header.height})")
+    raise ImageRejected("undecodable",
+                        f"empty image ({header.width}x{header.height})")
   if header.pixels > max_pixels:
     raise ImageRejected(
-        f"too many pixels: {header.width}x{header.height} = "
+        "too_many_pixels", f"too many pixels: {header.width}x{header.height} = "
         f"{header.pixels:,} > {max_pixels:,} (a decompression bomb?)")
   return header
 
@@ -114,7 +119,8 @@ def check_image(source: Source, max_pixels: int | None = None
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     reason = str(e) or type(e).__name__
     kind = "truncated" if "runcated" in reason else "corrupt"
-    raise ImageRejected(f"{kind} {header.format} file ({reason})") from None
+    raise ImageRejected(kind, f"{kind} {header.format} file ({reason})"
+                        ) from None
   return header
 
 

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mlimages_jax.acquire import validation
 
 from acquire_helpers import make_jpeg, make_png
+
+
+def bomb_png_header(width: int, height: int) -> bytes:
+  """A PNG declaring width x height 8-bit RGB with one row of zeros: enough
+  for any header reader (never decode it: ~2.7 GB at 30000x30000)."""
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+          + chunk(b"IDAT", zlib.compress(bytes(3 * width + 1)))
+          + chunk(b"IEND", b""))
+
+
+def test_shrink_scales_16_bit_greyscale():
+  """It came out white: PIL's convert clips I;16 at 255; >> 8 is right."""
+  deep = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+  buffer = io.BytesIO()
+  Image.fromarray(deep).save(buffer, "PNG")
+  data, width, height = validation.shrink(buffer.getvalue(), "PNG", 16, 90)
+  assert (width, height) == (16, 16)
+  small = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.int64)
+  expected = np.asarray(Image.fromarray((deep >> 8).astype(np.uint8)).resize(
+      (16, 16), Image.Resampling.LANCZOS), np.int64)
+  assert np.abs(small - expected).max() <= 1
 
 
 def test_validate_image_reasons():
@@ -37,6 +67,11 @@ def test_validate_image_reasons():
   with pytest.raises(validation.InvalidImage, match="undecodable"):
     validation.validate_image(corrupt, "",
                               validation.ValidationConfig(verify="full"))
+  # The decode policy: too many pixels, from the header alone.
+  with pytest.raises(validation.InvalidImage,
+                     match="too many pixels.*900,?000,?000") as e:
+    validation.validate_image(bomb_png_header(30000, 30000), "", cfg)
+  assert e.value.reason == "too_many_pixels"
   placeholder = validation.ValidationConfig(
       placeholder_hashes=frozenset({hashlib.sha256(jpeg).hexdigest()}))
   with pytest.raises(validation.InvalidImage, match="placeholder_image"):
