@@ -143,13 +143,16 @@ class PixelBudget:
   def __init__(self, pixels: int = PIXEL_BUDGET):
     self.pixels = pixels
     self.in_use = 0
+    self.waiting = 0  # Threads blocked in `reserve`.
     self._free = threading.Condition()
 
   @contextlib.contextmanager
   def reserve(self, pixels: int) -> Iterator[None]:
     with self._free:
+      self.waiting += 1
       self._free.wait_for(
           lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+      self.waiting -= 1
       self.in_use += pixels
     try:
       yield

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,18 +12,7 @@ from PIL import Image
 from mlimages_jax.acquire import validation
 
 from acquire_helpers import make_jpeg, make_png
-
-
-def bomb_png_header(width: int, height: int) -> bytes:
-  """A PNG declaring width x height 8-bit RGB with one row of zeros: enough
-  for any header reader (never decode it: ~2.7 GB at 30000x30000)."""
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data)))
-  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-          + chunk(b"IDAT", zlib.compress(bytes(3 * width + 1)))
-          + chunk(b"IEND", b""))
+from conftest import bomb_png_header
 
 
 def test_shrink_scales_16_bit_greyscale():
