@@ -136,7 +136,7 @@ def atomic_directory(path: str | os.PathLike[str], *,
 # ---- Text inputs as people make them ------------------------------------------
 #
 # Every reader of a user's text file (hierarchy, annotation and image lists,
-# dictionaries, mappings) goes through `text_lines` or `decode_line`: a UTF-8
+# dictionaries, mappings) goes through `open_text` or `decode_line`: a UTF-8
 # BOM at the start is dropped, CRLF reads as LF, and bytes that are not UTF-8
 # raise the reader's own error naming the file and line. Remote text is read
 # by `read_url`: a total deadline and a size cap, not just a per-read timeout.
@@ -180,12 +180,14 @@ def decode_lines(lines: Iterable[bytes], source: str,
     yield decode_line(raw, source, lineno, error)
 
 
-def text_lines(path: PathLike, error: LineError = TextInputError
-               ) -> Iterator[str]:
-  """The lines of a local or remote text file, read by `decode_line`."""
+@contextlib.contextmanager
+def open_text(path: PathLike, error: LineError = TextInputError
+              ) -> Iterator[Iterator[str]]:
+  """`open(path, encoding="utf-8")` for a user's text file, local or remote:
+  its lines, read by `decode_line` (so "\n"-terminated, BOM dropped)."""
   with (as_path(path).open("rb") if is_remote(path)
         else open(path, "rb")) as f:
-    yield from decode_lines(f, os.fspath(path), error)
+    yield decode_lines(f, os.fspath(path), error)
 
 
 class RemoteReadError(OSError):

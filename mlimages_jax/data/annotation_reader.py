@@ -17,7 +17,9 @@ from typing import BinaryIO, Callable, Generator, Iterator
 
 import numpy as np
 
+from mlimages_jax.fileio import UTF8_BOM
 from mlimages_jax.fileio import PathLike
+from mlimages_jax.fileio import decode_line
 from mlimages_jax.data.annotations import LabelError
 from mlimages_jax.data.annotations import MAX_EXAMPLES
 from mlimages_jax.data.annotations import Row
@@ -58,6 +60,8 @@ def whole_lines(path: PathLike, chunk_bytes: int
   stream, raw = open_binary(path)
   with stream, raw:
     carry = b""
+    if stream.peek(len(UTF8_BOM))[:len(UTF8_BOM)] == UTF8_BOM:
+      stream.read(len(UTF8_BOM))  # Else it would be part of the first key.
     while True:
       data = stream.read(chunk_bytes)
       if not data:
@@ -113,6 +117,7 @@ class AnnotationReader:
   def _parse(self, chunk: bytes, first_lineno: int
              ) -> Generator[LabelBatch, None, int]:
     """Yields the chunk's batch (if any line has a key); returns its lines."""
+    chunk = self._valid_utf8(chunk, first_lineno)
     batch, num_lines = parse_chunk(
         chunk, first_lineno, self.num_classes, self.source,
         self._on_invalid if self.skip_invalid else None, self._confidences)
@@ -120,6 +125,25 @@ class AnnotationReader:
     if len(batch):
       yield batch
     return num_lines
+
+  def _valid_utf8(self, chunk: bytes, first_lineno: int) -> bytes:
+    """The chunk, or LabelError (file:line) for a line that is not UTF-8;
+    with `skip_invalid` such lines are blanked (so skipped and counted)."""
+    while True:
+      try:
+        chunk.decode("utf-8")
+        return chunk
+      except UnicodeDecodeError as e:
+        begin = chunk.rfind(b"\n", 0, e.start) + 1
+        end = chunk.index(b"\n", e.start)
+        try:
+          decode_line(chunk[begin:end], self.source,
+                      first_lineno + chunk.count(b"\n", 0, begin), LabelError)
+        except LabelError as error:
+          if not self.skip_invalid:
+            raise
+          self._on_invalid(error)
+        chunk = chunk[:begin] + b" " * (end - begin) + chunk[end:]
 
   def _on_invalid(self, error: LabelError) -> None:
     self.num_invalid += 1

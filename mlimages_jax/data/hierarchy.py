@@ -146,8 +146,8 @@ class Hierarchy:
   @classmethod
   def from_file(cls, path: PathLike) -> Hierarchy:
     """Reads a local or remote file (BOM, CRLF and bad bytes: `fileio`)."""
-    return cls.from_lines(fileio.text_lines(path, HierarchyError),
-                          source=str(path))
+    with fileio.open_text(path, HierarchyError) as lines:
+      return cls.from_lines(lines, source=str(path))
 
   @classmethod
   def from_url(cls, url: str = ORIGINAL_URL, *,

@@ -204,7 +204,7 @@ def _list_entries(path: str | os.PathLike[str],
                   root: str | os.PathLike[str] | None, separator: str
                   ) -> list[tuple[str, str]]:
   entries = []
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_text(path) as f:
     for line in f:
       if not line.strip() or line.lstrip().startswith("#"):
         continue

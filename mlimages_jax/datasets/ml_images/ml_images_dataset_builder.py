@@ -29,6 +29,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from mlimages_jax import decoding
+from mlimages_jax import fileio
 from mlimages_jax.data import annotations
 from mlimages_jax.data import closure
 from mlimages_jax.data import cooccurrence
@@ -243,7 +244,8 @@ def _parse_chunk(chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
       if chunk.end is not None and offset >= chunk.end:
         break
       offset += len(raw)
-      line = raw.decode("utf-8")
+      line = fileio.decode_line(raw, chunk.list_path, lineno,
+                                annotations.LabelError)
       if not line.strip():
         continue
       rows.append(annotations.parse_line(
@@ -483,8 +485,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise MissingManualFilesError(
           f"ml_images/{self.builder_config.name}: missing {path}\n"
           f"{_MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    hierarchy = hierarchy_lib.Hierarchy.from_lines(
-        path.read_text(encoding="utf-8").splitlines(), source=str(path))
+    hierarchy = hierarchy_lib.Hierarchy.from_file(path)
     self.info.features["labels"].feature.names = list(hierarchy.wnids)
     self.info.metadata.update(hierarchy.to_json_metadata())
     return hierarchy
