@@ -444,11 +444,29 @@ def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,
   assert cli_main(["classify", "x.jpg", "--list", str(tmp_path / "nope.txt"),
                    "--checkpoint", str(checkpoint)]) == 2
   assert "cannot read --list" in capsys.readouterr().err
+  listing = tmp_path / "list.txt"
+  listing.write_bytes(b"a.jpg\n\xe9t\xe9.jpg\n")
+  assert cli_main(["classify", "--list", str(listing),
+                   "--checkpoint", str(checkpoint)]) == 2
+  assert capsys.readouterr().err == (
+      f"error: {listing}:2: not UTF-8: byte 0xe9 at column 1 "
+      "(b'\\xe9t\\xe9.jpg\\n')\n")
+  listing.unlink()
   with pytest.raises(SystemExit, match="2"):
     cli_main(["classify", "x.jpg", "--checkpoint", str(checkpoint),
               "--top-k", "0"])
   assert "--top-k: must be >= 1" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == []
+
+
+def test_image_lists_with_bom_and_crlf(tmp_path):
+  """A BOM made the first path "\\ufeffa.jpg" (no such file)."""
+  listing = tmp_path / "list.txt"
+  listing.write_bytes(b"\xef\xbb\xbfa.jpg\t0\r\nb c.jpg\t1\r\n")
+  assert predict.read_image_list(listing, "r") == ["r/a.jpg", "r/b c.jpg"]
+  listing.write_bytes(b"\xef\xbb\xbfa.jpg 3\r\nb.jpg\r\n")
+  assert predict.read_labelled_image_list(listing) == (["a.jpg", "b.jpg"],
+                                                       ["3", ""])
 
 
 def test_real_photos(loaded, shared_dir, tmp_path):
