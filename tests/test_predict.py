@@ -437,8 +437,10 @@ def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,
   out = tmp_path / "f.npy"
   assert cli_main(["features", *bad_files, "--checkpoint", str(checkpoint),
                    "--out", str(out), "--no-progress"]) == 1
-  assert "extracted features of 0 of 4 images (4 skipped)" in (
-      capsys.readouterr().err)
+  err = capsys.readouterr().err
+  assert "extracted features of 0 of 4 images (4 skipped)" in err
+  truncated = next(p for p in bad_files if p.endswith("truncated.png"))
+  assert f"skipped {truncated}: truncated PNG file" in err
   assert cli_main(["classify", "--checkpoint", str(checkpoint)]) == 2
   assert "no images given" in capsys.readouterr().err
   assert cli_main(["classify", "x.jpg", "--list", str(tmp_path / "nope.txt"),
