@@ -85,7 +85,7 @@ def read_header(source: Source, max_pixels: int | None = None
     with _open(source) as image:
       header = ImageHeader(image.format or "?", *image.size, image.mode)
   except Image.DecompressionBombError as e:
-    raise ImageRejected("too_many_pixels", f"too many pixels ({e})") from None
+    raise ImageRejected("too_many_pixels", f"too many pixels: {e}") from None
   except Image.UnidentifiedImageError:
     raise ImageRejected("undecodable", "not a decodable image") from None
   except (OSError, SyntaxError, ValueError) as e:
@@ -104,7 +104,8 @@ def read_header(source: Source, max_pixels: int | None = None
 def check_image(source: Source, max_pixels: int | None = None
                 ) -> ImageHeader:
   """`read_header`, then reads the whole file: ImageRejected if truncated
-  or corrupt. Decodes at most `max_pixels` (JPEG: at 1/8 scale)."""
+  or corrupt. Decodes at most `max_pixels` (JPEG: at 1/8 scale), within
+  `BUDGET`."""
   header = read_header(source, max_pixels)
   try:
     with _open(source) as image:
@@ -115,7 +116,8 @@ def check_image(source: Source, max_pixels: int | None = None
       elif header.format == "PNG":
         image.verify()  # Every chunk's CRC, IEND included; no pixels.
       else:
-        image.load()
+        with BUDGET.reserve(header.pixels):
+          image.load()
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     reason = str(e) or type(e).__name__
     kind = "truncated" if "runcated" in reason else "corrupt"
