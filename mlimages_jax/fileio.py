@@ -29,6 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from typing import IO, Iterator, Union
 
 from etils import epath
@@ -130,3 +131,94 @@ def atomic_directory(path: str | os.PathLike[str], *,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# ---- Text inputs as people make them ------------------------------------------
+#
+# Every reader of a user's text file (hierarchy, annotation and image lists,
+# dictionaries, mappings) goes through `open_text` or `decode_line`: a UTF-8
+# BOM at the start is dropped, CRLF reads as LF, and bytes that are not UTF-8
+# raise the reader's own error naming the file and line. Remote text is read
+# by `read_url`: a total deadline and a size cap, not just a per-read timeout.
+
+UTF8_BOM = b"\xef\xbb\xbf"
+REMOTE_DEADLINE_S = 120.0
+REMOTE_MAX_BYTES = 256 << 20
+
+
+class TextInputError(ValueError):
+  """A text input that cannot be read; the message starts with file:line."""
+
+  def __init__(self, source: str, lineno: int, message: str):
+    super().__init__(f"{source}:{lineno}: {message}")
+    self.source = source
+    self.lineno = lineno
+
+
+# (source, line number, message) -> the reader's exception (e.g. LabelError).
+LineError = Callable[[str, int, str], Exception]
+
+
+def decode_line(raw: bytes, source: str, lineno: int,
+                error: LineError = TextInputError) -> str:
+  """One line of a UTF-8 text input: BOM dropped (line 1), CRLF -> LF."""
+  if lineno == 1 and raw.startswith(UTF8_BOM):
+    raw = raw[len(UTF8_BOM):]
+  if raw.endswith(b"\r\n"):
+    raw = raw[:-2] + b"\n"
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise error(source, lineno, f"not UTF-8: byte 0x{raw[e.start]:02x} at "
+                f"column {e.start + 1} ({raw[:60]!r})") from None
+
+
+def decode_lines(lines: Iterable[bytes], source: str,
+                 error: LineError = TextInputError) -> Iterator[str]:
+  """`decode_line` over lines of bytes (a binary file, a decompressor)."""
+  for lineno, raw in enumerate(lines, start=1):
+    yield decode_line(raw, source, lineno, error)
+
+
+@contextlib.contextmanager
+def open_text(path: PathLike, error: LineError = TextInputError
+              ) -> Iterator[Iterator[str]]:
+  """`open(path, encoding="utf-8")` for a user's text file, local or remote:
+  its lines, read by `decode_line` (so "\n"-terminated, BOM dropped)."""
+  with (as_path(path).open("rb") if is_remote(path)
+        else open(path, "rb")) as f:
+    yield decode_lines(f, os.fspath(path), error)
+
+
+class RemoteReadError(OSError):
+  """A URL whose body did not arrive in time or is larger than allowed."""
+
+
+def read_url(url: str, *, deadline: float = REMOTE_DEADLINE_S,
+             max_bytes: int = REMOTE_MAX_BYTES) -> bytes:
+  """The body of an http(s) URL within `deadline` seconds and `max_bytes`.
+
+  urllib's timeout bounds each socket read, so a server that trickles its
+  body never times out; here the whole transfer has a deadline (checked
+  after every read, each read waiting at most `deadline`) and a size cap.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+
+  start = time.monotonic()
+  with urllib.request.urlopen(url, timeout=deadline) as response:
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+      raise RemoteReadError(f"{url}: {int(length):,} bytes, more than the "
+                            f"{max_bytes:,} allowed")
+    chunks, size = [], 0
+    while chunk := response.read1(1 << 16):
+      size += len(chunk)
+      if size > max_bytes:
+        raise RemoteReadError(f"{url}: more than the {max_bytes:,} bytes "
+                              "allowed")
+      if time.monotonic() - start > deadline:
+        raise RemoteReadError(f"{url}: not complete after {deadline:g} s "
+                              f"({size:,} bytes received)")
+      chunks.append(chunk)
+  return b"".join(chunks)

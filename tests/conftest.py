@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
+import zlib
 
 # 8 host devices let pmap tests run on a CPU-only machine. XLA reads the flag
 # when JAX initialises its backend, so it must be set before any test imports JAX.
@@ -92,3 +94,15 @@ def assert_same_checkpoint(want_workdir: str | os.PathLike[str],
   assert jax.tree.structure(want) == jax.tree.structure(got)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
+
+
+def bomb_png_header(width: int, height: int) -> bytes:
+  """A PNG declaring width x height 8-bit RGB with one row of zeros: enough
+  for any header reader (never decode it: ~2.7 GB at 30000x30000)."""
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+          + chunk(b"IDAT", zlib.compress(bytes(3 * width + 1)))
+          + chunk(b"IEND", b""))

@@ -68,3 +68,22 @@ def test_reader_errors_and_skip_invalid(tmp_path):
   # Without num_classes any non-negative index is accepted.
   assert len(list(annotation_reader.read_annotation_file(
       path, skip_invalid=True))) == 4
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 17, 7])
+def test_bom_crlf_and_bad_bytes(tmp_path, chunk_bytes):
+  """A BOM became part of the first key; bytes that are not UTF-8 passed
+  through as surrogates: now file:line, or skipped and counted."""
+  path = tmp_path / "list.txt"
+  path.write_bytes(b"\xef\xbb\xbfa 1:0.5\r\nb\xff 2\r\nc 3\r\n")
+  read = lambda **kw: annotation_reader.AnnotationReader(  # noqa: E731
+      path, chunk_bytes=chunk_bytes, **kw)
+  with pytest.raises(LabelError, match=rf"^{path}:2: not UTF-8: byte 0xff "
+                     "at column 2"):
+    list(read())
+  reader = read(skip_invalid=True)
+  assert [key for key, _, _ in reader] == ["a", "c"]
+  assert reader.num_invalid == 1
+  path.write_bytes(b"\xef\xbb\xbfa 1:0.5\r\nb 2\r\n")
+  assert [(key, idx.tolist()) for key, idx, _ in read()] == [
+      ("a", [1]), ("b", [2])]

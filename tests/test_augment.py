@@ -270,6 +270,23 @@ def test_augment_file_bad_input_leaves_no_output(tree: Hierarchy, tmp_path):
   assert out.read_text().splitlines()[1000] == "c\t0:1\t2:1\t5:1"
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_augment_file_bom_crlf_and_bad_bytes(tree: Hierarchy, tmp_path,
+                                            compiled):
+  """A BOM stayed in the first key; keys that are not UTF-8 went through
+  unreported. Now: BOM dropped, CRLF read, bad bytes file:line or skipped."""
+  path = tmp_path / "in.txt"
+  path.write_bytes(b"\xef\xbb\xbfa 1:1\r\nb\xff 2\r\nc 2\r\n")
+  out = tmp_path / "o.txt"
+  with pytest.raises(LabelError, match=rf"^{path}:2: not UTF-8: byte 0xff"):
+    augment.augment_file(tree, path, out, compiled=compiled)
+  summary = augment.augment_file(tree, path, out, compiled=compiled,
+                                 skip_invalid=True)
+  assert (summary.rows, summary.invalid) == (2, 1)
+  assert summary.invalid_examples[0].startswith(f"{path}:2: not UTF-8")
+  assert out.read_bytes() == b"a\t0:1\t1:1\t2:1\t5:1\nc\t0:1\t2:1\t5:1\n"
+
+
 def test_real_tiny_lists_close_under_real_hierarchy(
     shared_dir: pathlib.Path, real_hierarchy_path: pathlib.Path, tmp_path):
   tree = Hierarchy.from_file(real_hierarchy_path)

@@ -64,6 +64,12 @@ def test_hierarchy_errors(capsys, dictionary, tmp_path):
   code, _, err = run(capsys, "hierarchy", "show", "zebra", "--dictionary",
                      dictionary)
   assert code == 1 and "no class matches 'zebra'" in err
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes(dictionary.read_bytes().replace(b"water", b"w\xe4ter"))
+  code, out, err = run(capsys, "hierarchy", "stats", "--dictionary", latin)
+  assert (code, out) == (1, "")
+  assert err == (f"error: {latin}:8: not UTF-8: byte 0xe4 at column 9 "
+                 "(b'6\\tn6\\t4\\tw\\xe4ter, H2O\\n')\n")
 
 
 def test_hierarchy_show(capsys, dictionary):

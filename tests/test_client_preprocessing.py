@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import original_clients as oracle
+from mlimages_jax import decoding
 from mlimages_jax.inputs import client_preprocessing as cp
 from mlimages_jax.inputs import preprocessing
 
@@ -140,6 +141,28 @@ def test_unusable_images_raise_naming_the_file(tmp_path):
   Image.fromarray(oracle.textured(1, 300, 0)).save(banner)
   with pytest.raises(cp.ImageError, match="too elongated .300x1.*76800x256"):
     cp.load_crops(banner)
+
+
+def test_decode_policy_before_opencv(tmp_path, monkeypatch):
+  """A JPEG cut to a third (OpenCV only warns and decodes it half grey) and
+  too many pixels (a lowered limit) are refused with the reason; 16-bit PNG
+  is read as `>> 8`, as `decoding.to_8bit` does on the other paths."""
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(oracle.textured(300, 400, 3)).save(path, quality=90)
+  data = path.read_bytes()
+  cut = tmp_path / "cut.jpg"
+  cut.write_bytes(data[:len(data) // 3])
+  with pytest.raises(cp.ImageError, match="cut.jpg: truncated JPEG file"):
+    cp.load_crops(cut)
+  deep = (oracle.textured(230, 250, 4)[..., 0].astype(np.uint16) * 257 + 99)
+  Image.fromarray(deep).save(tmp_path / "deep.png")
+  Image.fromarray((deep >> 8).astype(np.uint8)).save(tmp_path / "eight.png")
+  np.testing.assert_array_equal(cp.load_crops(tmp_path / "deep.png"),
+                                cp.load_crops(tmp_path / "eight.png"))
+  monkeypatch.setattr(decoding, "MAX_PIXELS", 300 * 400 - 1)
+  with pytest.raises(cp.ImageError, match="photo.jpg: too many pixels: "
+                     "400x300 = 120,000 > 119,999"):
+    cp.load_crops(path)
 
 
 def _ten_crops(resized: np.ndarray, windows, mirror_by_flip: bool = True

@@ -258,6 +258,23 @@ def test_resnet101_imagenet_shapes_infer_and_map():
   assert spec == convert_tf.ModelSpec(101, 1000, 1.0)
 
 
+def test_dictionaries_with_bom_crlf_and_bad_bytes(tmp_path):
+  """A BOM hid the hierarchy's header (read as a 1000-class dictionary)."""
+  path = tmp_path / "d.txt"
+  path.write_bytes(b"\xef\xbb\xbfcategory_index\tcategory_id\t"
+                   b"index_of_parent_category\tcategory name\r\n"
+                   b"0\tn0\t-1\tthing\r\n1\tn1\t0\tdog\r\n")
+  assert convert_tf.read_class_dictionary(path, 2) == (["n0", "n1"],
+                                                       ["thing", "dog"])
+  path.write_bytes(b"\xef\xbb\xbf0\ttench\r\n1\tgold\xfffish\r\n")
+  with pytest.raises(convert_tf.ConversionError,
+                     match=rf"^{path}:2: not UTF-8: byte 0xff at column 7"):
+    convert_tf.read_class_dictionary(path, 2)
+  path.write_bytes(b"\xef\xbb\xbf0\ttench\r\n1\tgoldfish\r\n")
+  assert convert_tf.read_class_dictionary(path, 2) == (
+      ["0", "1"], ["tench", "goldfish"])
+
+
 def test_imagenet_dictionary_gets_tfds_wnids(shared_dir):
   ids, names = convert_tf.read_class_dictionary(
       shared_dir / "imagenet2012_dictionary.txt", 1000)

@@ -151,6 +151,18 @@ def test_load_errors_name_file_and_line(tmp_path):
     cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
 
 
+def test_load_accepts_bom_and_crlf_and_names_bad_bytes(tmp_path):
+  """With a BOM the header read as a data line (an error at line 1)."""
+  path = tmp_path / "pairs.tsv"
+  path.write_bytes(b"\xef\xbb\xbfsource_index\ttarget_index\tconfidence\r\n"
+                   b"3\t30\t0.8\r\n")
+  pairs = cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
+  assert (pairs.sources.tolist(), pairs.targets.tolist()) == ([3], [30])
+  path.write_bytes(b"3\t30\t0.8\n# caf\xe9\n")
+  with pytest.raises(annotations.LabelError, match=rf"^{path}:2: not UTF-8"):
+    cooc.load_cooccurrence_pairs(path, NUM_CLASSES)
+
+
 def test_image_classes_takes_the_deepest_positive_label(tree, tmp_path):
   path = tmp_path / "images.txt"
   path.write_text("a 5\nb 0:1 2:1 4:1\nc 4:-1\nd 3:0.9 2:1\n")

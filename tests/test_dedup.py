@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlimages_jax import decoding
 from mlimages_jax.acquire import dedup
 from mlimages_jax.acquire import errors
 
@@ -72,6 +73,23 @@ def test_perceptual_hashes_match_definitions():
       _encode(img.resize((80, 53)), quality=60))))
   c = dedup.phash(_photo(4))
   assert dedup.hamming(a, b) <= 8 < dedup.hamming(a, c)
+
+
+def test_hash_file_applies_the_decode_policy(tmp_path, monkeypatch):
+  """16-bit greyscale hashes as its `>> 8` twin (PIL alone clips it to a
+  white, featureless image); too many pixels are never decoded."""
+  deep = (np.asarray(_photo(5).convert("L"), np.uint16) * 257
+          + np.uint16(200))
+  (tmp_path / "deep.png").write_bytes(_encode(Image.fromarray(deep), "PNG"))
+  (tmp_path / "shallow.png").write_bytes(
+      _encode(Image.fromarray((deep >> 8).astype(np.uint8)), "PNG"))
+  for kind in ("phash", "dhash"):
+    _, value = dedup.hash_file(str(tmp_path / "deep.png"), kind)
+    assert value == dedup.hash_file(str(tmp_path / "shallow.png"), kind)[1]
+  monkeypatch.setattr(decoding, "MAX_PIXELS", 96 * 63)
+  monkeypatch.setattr(dedup, "phash", None)  # Must not be reached.
+  digest, value = dedup.hash_file(str(tmp_path / "deep.png"), "phash")
+  assert value == -1 and len(digest) == 32
 
 
 def test_near_pairs_equals_brute_force():

@@ -402,3 +402,14 @@ def test_sigkill_then_resume(tmp_path):
     assert stats["ok"] == n and stats["pending"] == 0
   finally:
     latency_server.close()
+
+
+def test_placeholder_hash_files_with_bom_crlf_and_bad_bytes(tmp_path):
+  digest = hashlib.sha256(b"x").hexdigest()
+  path = tmp_path / "hashes.txt"
+  path.write_bytes(b"\xef\xbb\xbf" + digest.encode() + b"  # grey\r\n")
+  assert dl.load_placeholder_hashes([str(path)], []) == frozenset({digest})
+  path.write_bytes(digest.encode() + b"\n# caf\xe9\n")
+  with pytest.raises(errors.AcquireError,
+                     match=rf"^{path}:2: not UTF-8: byte 0xe9"):
+    dl.load_placeholder_hashes([str(path)], [])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+import time
+
 import pytest
 
 from mlimages_jax import fileio
@@ -79,3 +83,64 @@ def test_atomic_directory_keeps_the_existing_one_unless_overwrite(tmp_path):
     (tmp / "new").write_text("y")
   assert sorted(p.name for p in out.iterdir()) == ["new"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_open_text_bom_crlf_and_bad_bytes(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_bytes(b"\xef\xbb\xbfkey\tx\r\nsecond\n\xef\xbb\xbfthird")
+  with fileio.open_text(path) as lines:
+    assert list(lines) == ["key\tx\n", "second\n", "\ufeffthird"]
+  path.write_bytes(b"ok\nbad \xc3\x28 here\n")
+  with pytest.raises(fileio.TextInputError, match=rf"^{path}:2: not UTF-8: "
+                     r"byte 0xc3 at column 5 \(b'bad \\xc3\( here\\n'\)$"):
+    with fileio.open_text(path) as lines:
+      list(lines)
+
+  class Own(ValueError):
+    def __init__(self, source, lineno, message):
+      super().__init__(f"own {source}:{lineno}: {message}")
+
+  with pytest.raises(Own, match=rf"^own {path}:2: not UTF-8"):
+    with fileio.open_text(path, Own) as lines:
+      list(lines)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """/trickle: 100 bytes, one per 20 ms; /big: 5000 bytes, no length."""
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.send_response(200)
+    if self.path == "/trickle":
+      self.send_header("Content-Length", "100")
+    self.end_headers()
+    try:
+      if self.path == "/trickle":
+        for _ in range(100):
+          self.wfile.write(b"x")
+          self.wfile.flush()
+          time.sleep(0.02)
+      else:
+        self.wfile.write(b"y" * 5000)
+    except OSError:  # The client gave up.
+      pass
+
+  def log_message(self, *args):
+    pass
+
+
+def test_read_url_has_a_total_deadline_and_a_size_cap():
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  try:
+    with pytest.raises(fileio.RemoteReadError,
+                       match=r"/trickle: not complete after 0.3 s"):
+      fileio.read_url(f"{base}/trickle", deadline=0.3)
+    with pytest.raises(fileio.RemoteReadError,
+                       match=r"/big: more than the 4,096 bytes allowed"):
+      fileio.read_url(f"{base}/big", max_bytes=4096)
+    assert fileio.read_url(f"{base}/big") == b"y" * 5000
+  finally:
+    server.shutdown()
+    server.server_close()

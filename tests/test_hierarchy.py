@@ -6,6 +6,7 @@ import functools
 import http.server
 import pathlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +249,68 @@ def test_from_url_downloads_validates_and_caches(http_root, tmp_path):
   with pytest.raises(HierarchyError, match=rf"^{base}/bad.txt:1: missing"):
     load(f"{base}/bad.txt", cache_path=bad_cache)
   assert not bad_cache.exists()  # A broken download never enters the cache.
+
+
+def test_text_as_people_make_it(tmp_path: pathlib.Path):
+  """A BOM (it broke the header) and CRLF are read; bad bytes and a huge
+  parent (an OverflowError traceback) name the file and line."""
+  path = tmp_path / "h.txt"
+  path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(tsv(FOREST)).encode()
+                   + b"\r\n")
+  tree = Hierarchy.from_file(path)
+  assert tree.wnids == tuple(f"n{i}" for i in range(7))
+  assert tree.names[6] == "water"
+  lines = tsv(FOREST)
+  lines[2] = lines[2].replace("puppy", "pup\xffpy")
+  path.write_bytes("\n".join(lines).encode("latin-1"))
+  with pytest.raises(HierarchyError,
+                     match=rf"^{path}:3: not UTF-8: byte 0xff at column 11"):
+    Hierarchy.from_file(path)
+  lines = tsv(FOREST)
+  lines[2] = "1\tn1\t99999999999999999999\tpuppy"
+  path.write_text("\n".join(lines))
+  with pytest.raises(HierarchyError, match=rf"^{path}:3: parent index "
+                     "99999999999999999999 of category 1 does not exist"):
+    Hierarchy.from_file(path)
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+  """A valid hierarchy, one byte every 20 ms (each read is quick)."""
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    body = ("\n".join(tsv(FOREST)) + "\n").encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    try:
+      for i in range(len(body)):
+        self.wfile.write(body[i:i + 1])
+        self.wfile.flush()
+        time.sleep(0.02)
+    except OSError:  # The client gave up.
+      pass
+
+  def log_message(self, *args):
+    pass
+
+
+def test_from_url_has_a_total_deadline_and_a_size_cap(http_root):
+  """The per-read timeout never fired on a trickling body (it hung for as
+  long as the server liked); now the whole download has a deadline."""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    url = f"http://127.0.0.1:{server.server_address[1]}/h.txt"
+    with pytest.raises(OSError, match=r"not complete after 0.5 s"):
+      Hierarchy.from_url(url, deadline=0.5)
+  finally:
+    server.shutdown()
+    server.server_close()
+  root, base = http_root
+  (root / "h.txt").write_text("\n".join(tsv(FOREST)) + "\n")
+  with pytest.raises(OSError, match=r"h.txt: 1\d\d bytes, more than the 100"):
+    Hierarchy.from_url(f"{base}/h.txt", max_bytes=100)
+  (root / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(
+      tsv(FOREST)).encode())
+  assert Hierarchy.from_url(f"{base}/bom.txt").num_classes == 7

@@ -15,12 +15,14 @@ import subprocess
 import sys
 
 import apache_beam as beam
+from etils import epath
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mlimages_jax import decoding
 from mlimages_jax.data import annotations
 from mlimages_jax.data import closure
 from mlimages_jax.data import hierarchy as hierarchy_lib
@@ -300,6 +302,47 @@ def test_to_rgb_jpeg_rejects_garbage():
   assert mib.to_rgb_jpeg(jpeg) is jpeg
   with pytest.raises(mib.UndecodableImageError, match="(?i)truncated"):
     mib.to_rgb_jpeg(jpeg[:len(jpeg) // 2])
+
+
+def test_to_rgb_jpeg_applies_the_decode_policy(monkeypatch):
+  """Too many pixels (a lowered limit) is refused from the header; 16-bit
+  greyscale is scaled by >> 8 (it came out almost white: PIL clips)."""
+  deep = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+  buffer = io.BytesIO()
+  Image.fromarray(deep).save(buffer, "PNG")
+  stored = mib.to_rgb_jpeg(buffer.getvalue())
+  grey = np.asarray(Image.open(io.BytesIO(stored)).convert("L"), np.int64)
+  assert np.abs(grey - (deep >> 8)).max() <= 3  # JPEG error, not 255 - x.
+  monkeypatch.setattr(decoding, "MAX_PIXELS", 64 * 63)
+  with pytest.raises(mib.UndecodableImageError, match="too many pixels: "
+                     "64x64 = 4,096 > 4,032"):
+    mib.to_rgb_jpeg(buffer.getvalue())
+
+
+def test_lists_and_hierarchy_with_bom_crlf_and_bad_bytes(tmp_path):
+  """A BOM made the first file name "\\ufeffa.jpg" (missing) and broke the
+  hierarchy's header; bad bytes were a traceback without file or line."""
+  hierarchy = dummy.dummy_hierarchy()
+  path = tmp_path / mib.HIERARCHY_FILE
+  hierarchy.write(path)
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n",
+                                                             b"\r\n"))
+  builder = mib.Builder(config="openimages", data_dir=str(tmp_path / "data"))
+  assert builder._read_hierarchy(epath.Path(tmp_path)).wnids == (
+      hierarchy.wnids)
+  listing = tmp_path / "im_list.txt"
+  listing.write_bytes(b"\xef\xbb\xbfa.jpg 1:0.5\r\nb.jpg 2\r\n")
+
+  def file_names():
+    chunks = mib._line_chunks("openimages", listing, tmp_path, 1)
+    return [p.file_name for c in chunks
+            for p in mib._parse_chunk(c, hierarchy, None, close=False)]
+
+  assert file_names() == ["a.jpg", "b.jpg"]
+  listing.write_bytes(b"a.jpg 1\nb\xff.jpg 2\n")
+  with pytest.raises(annotations.LabelError,
+                     match=rf"^{listing}:2: not UTF-8: byte 0xff"):
+    file_names()
 
 
 def test_bad_custom_configs_are_rejected():

@@ -48,3 +48,21 @@ def test_remap_openimages_csv_and_errors(tmp_path):
   duplicate.write_text("/m/dog 2\n/m/dog 3\n")
   with pytest.raises(LabelError, match=rf"^{duplicate}:2: /m/dog maps to 3"):
     openimages.load_openimages_mapping(duplicate, 7)
+
+
+def test_bom_crlf_and_bad_bytes(tmp_path):
+  """A BOM hid the CSV header (every row an error); bad bytes were a
+  UnicodeDecodeError traceback without file or line."""
+  csv = tmp_path / "labels.csv"
+  csv.write_bytes(b"\xef\xbb\xbfImageID,Source,LabelName,Confidence\r\n"
+                  b"000a,verification,/m/dog,1\r\n")
+  out = tmp_path / "out.txt"
+  openimages.remap_openimages_file(csv, out, {"/m/dog": 2})
+  assert out.read_text() == "000a\t2:1\n"
+  mapping = tmp_path / "map.tsv"
+  mapping.write_bytes(b"\xef\xbb\xbf/m/dog\t2\r\n/m/c\xe4t\t3\r\n")
+  with pytest.raises(LabelError, match=rf"^{mapping}:2: not UTF-8"):
+    openimages.load_openimages_mapping(mapping, 7)
+  csv.write_bytes(b"u1 /m/dog\nu\xff2 /m/dog\n")
+  with pytest.raises(LabelError, match=rf"^{csv}:2: not UTF-8"):
+    openimages.remap_openimages_file(csv, out, {"/m/dog": 2})

@@ -26,6 +26,7 @@ from PIL import Image
 
 import original_clients as oracle
 from conftest import shared_ml_images_dir
+from mlimages_jax import decoding
 from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inference import predict
@@ -105,7 +106,7 @@ def bad_files(tmp_path_factory, generated_images) -> dict[str, str]:
   truncated = folder / "truncated.png"
   truncated.write_bytes(pathlib.Path(generated_images[1]).read_bytes()[:100])
   return {str(text): "not a decodable image",
-          str(truncated): "not a decodable image",
+          str(truncated): "truncated PNG file (Truncated File Read)",
           str(folder / "missing.jpg"): "no such file",
           str(folder): "not a file"}
 
@@ -262,6 +263,35 @@ def test_bad_files_are_skipped_and_reported(loaded, generated_images,
                                [c[3] for c in without.classes], rtol=1e-6)
 
 
+@pytest.mark.parametrize("preprocess", predict.PREPROCESSINGS)
+def test_decode_policy_in_classify_and_features(loaded, tmp_path, monkeypatch,
+                                                preprocess):
+  """Bombs (a lowered pixel limit) and a JPEG cut to a third are skipped with
+  their reason by both preprocessings and by `features`; a 16-bit PNG is seen
+  as its 8-bit `>> 8` twin (as `cv2.imread` and TF read it)."""
+  monkeypatch.setattr(decoding, "MAX_PIXELS", 200 * 200)
+  rng = np.random.default_rng(5)
+  bomb = _save(tmp_path / "bomb.png", np.zeros((201, 200, 3), np.uint8))
+  jpeg = _save(tmp_path / "photo.jpg",
+               rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+  cut = tmp_path / "cut.jpg"
+  data = pathlib.Path(jpeg).read_bytes()
+  cut.write_bytes(data[:len(data) // 3])
+  deep = rng.integers(0, 65536, (90, 110), dtype=np.uint16)
+  paths = [bomb, jpeg, str(cut), _save(tmp_path / "deep.png", deep),
+           _save(tmp_path / "shallow.png", (deep >> 8).astype(np.uint8))]
+  predictions, failures = predict.classify(
+      loaded, paths, preprocess=preprocess, top_k=NUM_CLASSES, progress=False)
+  assert [(f.index, f.reason.split(" (")[0].split(":")[0])
+          for f in failures] == [(0, "too many pixels"),
+                                 (2, "truncated JPEG file")]
+  assert [p.path for p in predictions] == [paths[1], *paths[3:]]
+  assert predictions[1].classes == predictions[2].classes
+  _, kept, failures = predict.extract_features(loaded, paths, progress=False)
+  assert kept == [paths[1], *paths[3:]]
+  assert [f.index for f in failures] == [0, 2]
+
+
 @pytest.mark.parametrize("crop", ["center", "10crop"])
 def test_features_reproduce_the_original_extractor(
     single_label, client_images, bad_files, crop):
@@ -407,18 +437,38 @@ def test_cli_exit_codes_and_no_partial_outputs(checkpoint, bad_files,
   out = tmp_path / "f.npy"
   assert cli_main(["features", *bad_files, "--checkpoint", str(checkpoint),
                    "--out", str(out), "--no-progress"]) == 1
-  assert "extracted features of 0 of 4 images (4 skipped)" in (
-      capsys.readouterr().err)
+  err = capsys.readouterr().err
+  assert "extracted features of 0 of 4 images (4 skipped)" in err
+  truncated = next(p for p in bad_files if p.endswith("truncated.png"))
+  assert f"skipped {truncated}: truncated PNG file" in err
   assert cli_main(["classify", "--checkpoint", str(checkpoint)]) == 2
   assert "no images given" in capsys.readouterr().err
   assert cli_main(["classify", "x.jpg", "--list", str(tmp_path / "nope.txt"),
                    "--checkpoint", str(checkpoint)]) == 2
   assert "cannot read --list" in capsys.readouterr().err
+  listing = tmp_path / "list.txt"
+  listing.write_bytes(b"a.jpg\n\xe9t\xe9.jpg\n")
+  assert cli_main(["classify", "--list", str(listing),
+                   "--checkpoint", str(checkpoint)]) == 2
+  assert capsys.readouterr().err == (
+      f"error: {listing}:2: not UTF-8: byte 0xe9 at column 1 "
+      "(b'\\xe9t\\xe9.jpg\\n')\n")
+  listing.unlink()
   with pytest.raises(SystemExit, match="2"):
     cli_main(["classify", "x.jpg", "--checkpoint", str(checkpoint),
               "--top-k", "0"])
   assert "--top-k: must be >= 1" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == []
+
+
+def test_image_lists_with_bom_and_crlf(tmp_path):
+  """A BOM made the first path "\\ufeffa.jpg" (no such file)."""
+  listing = tmp_path / "list.txt"
+  listing.write_bytes(b"\xef\xbb\xbfa.jpg\t0\r\nb c.jpg\t1\r\n")
+  assert predict.read_image_list(listing, "r") == ["r/a.jpg", "r/b c.jpg"]
+  listing.write_bytes(b"\xef\xbb\xbfa.jpg 3\r\nb.jpg\r\n")
+  assert predict.read_labelled_image_list(listing) == (["a.jpg", "b.jpg"],
+                                                       ["3", ""])
 
 
 def test_real_photos(loaded, shared_dir, tmp_path):

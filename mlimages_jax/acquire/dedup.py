@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mlimages_jax import decoding
 from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import image_list
 from mlimages_jax.acquire import output_dir
@@ -44,7 +45,8 @@ def _grey(img, size: tuple[int, int]) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   img.draft("L", (size[0] * 4, size[1] * 4))  # JPEG: decode at 1/2..1/8.
-  grey = img.convert("L").resize(size, Image.Resampling.LANCZOS)
+  grey = decoding.to_8bit(img).convert("L").resize(size,
+                                                   Image.Resampling.LANCZOS)
   return np.asarray(grey, dtype=np.float64)
 
 
@@ -95,10 +97,11 @@ def hash_file(path: str, kind: str | None) -> tuple[bytes, int]:
   digest = hashlib.sha256(data).digest()
   if kind is None:
     return digest, -1
-  try:
-    with Image.open(io.BytesIO(data)) as img:
+  try:  # The decode policy first: no bomb is decoded, even to hash it.
+    with decoding.BUDGET.reserve(decoding.read_header(data).pixels), \
+        Image.open(io.BytesIO(data)) as img:
       value = phash(img) if kind == "phash" else dhash(img)
-  except Exception:  # Undecodable: still deduplicated exactly.
+  except Exception:  # Undecodable or refused: still deduplicated exactly.
     value = -1
   return digest, value
 

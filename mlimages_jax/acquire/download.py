@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from mlimages_jax import fileio
 from mlimages_jax.acquire import errors as errors_lib
 from mlimages_jax.acquire import image_list
 from mlimages_jax.acquire import journal as journal_lib
@@ -500,7 +501,8 @@ def load_placeholder_hashes(paths: Sequence[str], hashes: Sequence[str]
   """SHA-256 hex digests from files (one per line, ``#`` comments) and flags."""
   out = {h.strip().lower() for h in hashes if h.strip()}
   for path in paths:
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_text(path, lambda source, lineno, message: (
+        errors_lib.AcquireError(f"{source}:{lineno}: {message}"))) as f:
       for lineno, line in enumerate(f, start=1):
         text = line.split("#", 1)[0].strip().lower()
         if not text:

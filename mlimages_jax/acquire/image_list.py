@@ -12,6 +12,7 @@ import os
 import re
 from typing import Iterator
 
+from mlimages_jax import fileio
 from mlimages_jax.data import annotations as annotations_lib
 
 
@@ -72,12 +73,11 @@ class ListReader:
         if not validate and lineno in invalid:
           continue
         try:
-          line = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as e:
-          error = annotations_lib.LabelError(self.path, lineno,
-                                             f"not UTF-8: {e}")
+          line = fileio.decode_line(raw, self.path, lineno,
+                                    annotations_lib.LabelError).rstrip("\n")
+        except annotations_lib.LabelError:
           if not self.skip_invalid:
-            raise error from None
+            raise
           invalid.add(lineno)
           continue
         if not line.strip():

@@ -13,6 +13,8 @@ import io
 import os
 import random
 
+from mlimages_jax import decoding
+
 
 class InvalidImage(ValueError):
   """A response body that is not a usable image; ``reason`` is a short code."""
@@ -76,7 +78,9 @@ def validate_image(body: bytes, content_type: str,
   """Checks a 200 response body; returns (format, width, height).
 
   Raises InvalidImage with a reason code: empty_body, html_page,
-  not_an_image, placeholder_image, undecodable, truncated_image.
+  not_an_image, placeholder_image, undecodable, truncated_image,
+  too_many_pixels (the project's decode policy, `decoding`: checked from the
+  header before anything is decoded).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
@@ -91,15 +95,18 @@ def validate_image(body: bytes, content_type: str,
     if hashlib.sha256(body).hexdigest() in config.placeholder_hashes:
       raise InvalidImage("placeholder_image")
   try:
-    with Image.open(io.BytesIO(body)) as img:
-      width, height = img.size
-      if config.verify == "full":
+    header = decoding.read_header(body)
+  except decoding.ImageRejected as e:
+    raise InvalidImage(e.kind, e.reason) from None
+  width, height = header.width, header.height
+  if config.verify == "full":
+    try:
+      with decoding.BUDGET.reserve(header.pixels), \
+          Image.open(io.BytesIO(body)) as img:
         img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         img.load()
-  except Exception as e:  # PIL raises many types for broken data.
-    raise InvalidImage("undecodable", f"{type(e).__name__}: {e}") from None
-  if width <= 0 or height <= 0:
-    raise InvalidImage("undecodable", f"size {width}x{height}")
+    except Exception as e:  # PIL raises many types for broken data.
+      raise InvalidImage("undecodable", f"{type(e).__name__}: {e}") from None
   if _is_truncated(body, fmt):
     raise InvalidImage("truncated_image", fmt)
   return fmt, width, height
@@ -114,8 +121,10 @@ def shrink(body: bytes, fmt: str, max_side: int, quality: int
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  with Image.open(io.BytesIO(body)) as img:
+  with decoding.BUDGET.reserve(decoding.read_header(body).pixels), \
+      Image.open(io.BytesIO(body)) as img:
     img.draft("RGB", (max_side, max_side))  # Fast DCT scaling for JPEG.
+    img = decoding.to_8bit(img)  # 16-bit greyscale: >> 8, not clipped.
     img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()

@@ -202,23 +202,24 @@ def read_class_dictionary(path: str | os.PathLike, num_classes: int
   original's index order, so converted models evaluate on that dataset).
   """
   path = os.fspath(path)
-  with open(path, encoding="utf-8") as f:
-    first = f.readline().rstrip("\r\n")
+  with fileio.open_text(path, lambda source, lineno, message: (
+      ConversionError(f"{source}:{lineno}: {message}"))) as f:
+    lines = list(f)
+  first = lines[0].rstrip("\n") if lines else ""
   if tuple(c.strip() for c in first.split("\t")) == hierarchy_lib.HEADER:
     tree = hierarchy_lib.Hierarchy.from_file(path)
     ids, names = list(tree.wnids), list(tree.names)
   else:
     names = []
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        fields = line.split()
-        if not fields:
-          continue
-        if fields[0] != str(len(names)) or len(fields) < 2:
-          raise ConversionError(
-              f"{path}:{lineno}: expected '{len(names)}<TAB>class name', got "
-              f"{line.strip()[:80]!r}")
-        names.append(" ".join(fields[1:]))
+    for lineno, line in enumerate(lines, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if fields[0] != str(len(names)) or len(fields) < 2:
+        raise ConversionError(
+            f"{path}:{lineno}: expected '{len(names)}<TAB>class name', got "
+            f"{line.strip()[:80]!r}")
+      names.append(" ".join(fields[1:]))
     ids = (imagenet2012_wnids() if len(names) == 1000
            else [str(i) for i in range(len(names))])
   if len(ids) != num_classes:

@@ -115,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _labelled_paths(args: argparse.Namespace, labelled: bool = False
                     ) -> tuple[list[str], list[str]] | None:
   """(paths, labels): the IMAGE arguments (no label), then the --list's."""
+  from mlimages_jax import fileio
   from mlimages_jax.inference import predict
   paths, labels = list(args.images), [""] * len(args.images)
   if args.image_list:
@@ -125,9 +126,12 @@ def _labelled_paths(args: argparse.Namespace, labelled: bool = False
       else:
         listed = predict.read_image_list(args.image_list, args.root)
         listed_labels = [""] * len(listed)
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
       print(f"error: cannot read --list {args.image_list}: {e}",
             file=sys.stderr)
+      return None
+    except fileio.TextInputError as e:  # Names the file and line.
+      print(f"error: {e}", file=sys.stderr)
       return None
     paths += listed
     labels += listed_labels

@@ -210,7 +210,7 @@ def _cooccurrence(args: argparse.Namespace) -> int:
 
 def _read_columns(path: str, num_classes: int) -> list[int]:
   columns = []
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_text(path, annotations.LabelError) as f:
     for lineno, line in enumerate(f, start=1):
       text = line.split("#")[0].strip()
       if not text:

@@ -17,7 +17,9 @@ from typing import BinaryIO, Callable, Generator, Iterator
 
 import numpy as np
 
+from mlimages_jax.fileio import UTF8_BOM
 from mlimages_jax.fileio import PathLike
+from mlimages_jax.fileio import decode_line
 from mlimages_jax.data.annotations import LabelError
 from mlimages_jax.data.annotations import MAX_EXAMPLES
 from mlimages_jax.data.annotations import Row
@@ -58,6 +60,8 @@ def whole_lines(path: PathLike, chunk_bytes: int
   stream, raw = open_binary(path)
   with stream, raw:
     carry = b""
+    if stream.peek(len(UTF8_BOM))[:len(UTF8_BOM)] == UTF8_BOM:
+      stream.read(len(UTF8_BOM))  # Else it would be part of the first key.
     while True:
       data = stream.read(chunk_bytes)
       if not data:
@@ -113,6 +117,8 @@ class AnnotationReader:
   def _parse(self, chunk: bytes, first_lineno: int
              ) -> Generator[LabelBatch, None, int]:
     """Yields the chunk's batch (if any line has a key); returns its lines."""
+    chunk = utf8_lines(chunk, first_lineno, self.source,
+                       self._on_invalid if self.skip_invalid else None)
     batch, num_lines = parse_chunk(
         chunk, first_lineno, self.num_classes, self.source,
         self._on_invalid if self.skip_invalid else None, self._confidences)
@@ -132,6 +138,31 @@ def read_annotation_file(path: PathLike, *, num_classes: int | None = None,
   """An iterator of (key, indices, confidences); see `AnnotationReader`."""
   return AnnotationReader(path, num_classes=num_classes,
                           skip_invalid=skip_invalid)
+
+
+def utf8_lines(chunk: bytes, first_lineno: int, source: str,
+               on_invalid: Callable[[LabelError], None] | None) -> bytes:
+  """`chunk` (whole lines), checked to be UTF-8 (one pass, no copy if so).
+
+  A line that is not raises LabelError (file:line, `fileio.decode_line`'s
+  message), or with `on_invalid` is passed to it and blanked: skipped and
+  counted like any invalid line (keys are otherwise kept as raw bytes).
+  """
+  while True:
+    try:
+      chunk.decode("utf-8")
+      return chunk
+    except UnicodeDecodeError as e:
+      begin = chunk.rfind(b"\n", 0, e.start) + 1
+      end = chunk.index(b"\n", e.start)
+      try:
+        decode_line(chunk[begin:end], source,
+                    first_lineno + chunk.count(b"\n", 0, begin), LabelError)
+      except LabelError as error:
+        if on_invalid is None:
+          raise
+        on_invalid(error)
+      chunk = chunk[:begin] + b" " * (end - begin) + chunk[end:]
 
 
 def parse_chunk(chunk: bytes, first_lineno: int | np.ndarray,

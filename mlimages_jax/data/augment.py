@@ -30,6 +30,7 @@ from mlimages_jax.fileio import PathLike, atomic_writer
 from mlimages_jax.data.annotation_reader import ConfidenceTexts
 from mlimages_jax.data.annotation_reader import compressed_writer
 from mlimages_jax.data.annotation_reader import parse_chunk
+from mlimages_jax.data.annotation_reader import utf8_lines
 from mlimages_jax.data.annotation_reader import whole_lines
 from mlimages_jax.data.annotations import LabelError
 from mlimages_jax.data.annotations import MAX_EXAMPLES
@@ -66,6 +67,12 @@ class AugmentSummary:
     self.kernel_rows += other.kernel_rows
     room = MAX_EXAMPLES - len(self.invalid_examples)
     self.invalid_examples += other.invalid_examples[:room]
+
+  def count_invalid(self, error: LabelError) -> None:
+    """Counts a skipped line, keeping the first messages."""
+    self.invalid += 1
+    if len(self.invalid_examples) < MAX_EXAMPLES:
+      self.invalid_examples.append(str(error))
 
 
 class ChunkAugmenter:
@@ -112,6 +119,16 @@ class ChunkAugmenter:
     The text is bytes, or a uint8 array that stays valid until the next call
     (the kernel's buffer: not copied).
     """
+    errors: list[LabelError] = []
+    chunk = utf8_lines(chunk, first_lineno, self.source,
+                       errors.append if self.skip_invalid else None)
+    text, summary = self._augment(chunk, first_lineno)
+    for error in errors:
+      summary.count_invalid(error)
+    return text, summary
+
+  def _augment(self, chunk: bytes, first_lineno: int
+               ) -> tuple[bytes | np.ndarray, AugmentSummary]:
     if self._kernel is not None:
       return self._compiled(chunk, first_lineno)
     lines = chunk.split(b"\n")
@@ -182,15 +199,11 @@ class ChunkAugmenter:
                       misses: list[int], linenos: np.ndarray,
                       summary: AugmentSummary) -> None:
     """Fills `closed` (and the memo) for the lines `misses` with NumPy."""
-    def invalid(error: LabelError) -> None:
-      summary.invalid += 1
-      if len(summary.invalid_examples) < MAX_EXAMPLES:
-        summary.invalid_examples.append(str(error))
-
     # A one-byte stand-in key: only the annotation text is parsed.
     chunk = b"k " + b"\nk ".join([texts[i] for i in misses]) + b"\n"
     batch, _ = parse_chunk(chunk, linenos, self.hierarchy.num_classes,
-                           self.source, invalid if self.skip_invalid else None,
+                           self.source,
+                           summary.count_invalid if self.skip_invalid else None,
                            self._confidences)
     closed_texts = self._formatter.format(*augment_batch(
         self.hierarchy, batch.indptr, batch.indices, batch.confidences,

@@ -33,6 +33,7 @@ import numpy as np
 
 from mlimages_jax.data import annotation_reader
 from mlimages_jax.data import annotations
+from mlimages_jax import fileio
 from mlimages_jax.fileio import PathLike, atomic_writer
 from mlimages_jax.data.hierarchy import Hierarchy
 from mlimages_jax.data.hierarchy import ragged_arange
@@ -249,7 +250,7 @@ def load_cooccurrence_pairs(path: PathLike, num_classes: int
   source = str(path)
   columns = None
   sources, targets, confs = [], [], []
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_text(path, annotations.LabelError) as f:
     for lineno, line in enumerate(f, start=1):
       line = line.rstrip("\r\n")
       if not line.strip() or line.startswith("#"):

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
-import urllib.request
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from mlimages_jax import fileio
 from mlimages_jax.fileio import PathLike, atomic_writer
 
 HEADER = ("category_index", "category_id", "index_of_parent_category",
@@ -129,11 +130,13 @@ class Hierarchy:
     if not rows:
       raise HierarchyError(source, 2, "no categories after the header")
     n = len(rows)
-    for index, (_, _, _, lineno) in rows.items():
+    for index, (_, _, parent, lineno) in rows.items():
       if not 0 <= index < n:
         raise HierarchyError(source, lineno, f"category index {index} out of "
                              f"range: {n} categories must be indexed "
                              f"0..{n - 1}")
+      if not -1 <= parent < n:  # Before int32: a huge one would overflow.
+        raise _bad_parent(source, lineno, parent, index, n)
     ordered = [rows[i] for i in range(n)]
     return cls._validated(
         tuple(r[0] for r in ordered), tuple(r[1] for r in ordered),
@@ -142,26 +145,30 @@ class Hierarchy:
 
   @classmethod
   def from_file(cls, path: PathLike) -> Hierarchy:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_lines(f, source=str(path))
+    """Reads a local or remote file (BOM, CRLF and bad bytes: `fileio`)."""
+    with fileio.open_text(path, HierarchyError) as lines:
+      return cls.from_lines(lines, source=str(path))
 
   @classmethod
   def from_url(cls, url: str = ORIGINAL_URL, *,
                cache_path: PathLike | None = None,
-               timeout: float = 60.0) -> Hierarchy:
+               deadline: float = fileio.REMOTE_DEADLINE_S,
+               max_bytes: int = 64 << 20) -> Hierarchy:
     """Downloads (or reads the cached copy of) a hierarchy file.
 
-    The download is validated before it is cached, so a broken response never
-    poisons the cache.
+    The whole download must finish within `deadline` seconds and
+    `max_bytes` (the original file is 0.6 MB): a slow or endless body fails
+    with an OSError instead of hanging. The download is validated before it
+    is cached, so a broken response never poisons the cache.
     """
     if cache_path is not None and os.path.exists(cache_path):
       return cls.from_file(cache_path)
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-      text = response.read().decode("utf-8")
-    hierarchy = cls.from_lines(text.splitlines(), source=url)
+    body = fileio.read_url(url, deadline=deadline, max_bytes=max_bytes)
+    lines = list(fileio.decode_lines(io.BytesIO(body), url, HierarchyError))
+    hierarchy = cls.from_lines(lines, source=url)
     if cache_path is not None:
       with atomic_writer(cache_path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.writelines(lines)
     return hierarchy
 
   @classmethod
@@ -180,9 +187,7 @@ class Hierarchy:
     bad = np.flatnonzero((parents < -1) | (parents >= n))
     if bad.size:
       i = int(bad[0])
-      raise HierarchyError(source, int(linenos[i]), f"parent index "
-                           f"{int(parents[i])} of category {i} does not exist "
-                           f"(valid: -1 for a root, or 0..{n - 1})")
+      raise _bad_parent(source, int(linenos[i]), int(parents[i]), i, n)
     if not (parents == -1).any():
       raise HierarchyError(source, int(linenos.min()), "no root category "
                            "(a root has parent -1); the parents form cycles")
@@ -390,6 +395,13 @@ def load(source: PathLike, *, cache_path: PathLike | None = None
   if str(source).startswith(("http://", "https://")):
     return Hierarchy.from_url(str(source), cache_path=cache_path)
   return Hierarchy.from_file(source)
+
+
+def _bad_parent(source: str, lineno: int, parent: int, index: int, n: int
+                ) -> HierarchyError:
+  return HierarchyError(source, lineno, f"parent index {parent} of category "
+                        f"{index} does not exist (valid: -1 for a root, or "
+                        f"0..{n - 1})")
 
 
 def _cycle_members(parents: np.ndarray) -> np.ndarray:

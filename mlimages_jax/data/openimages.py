@@ -9,12 +9,12 @@ lines, dropping and counting the ids the mapping does not know.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 from typing import Callable, Iterator
 
 import numpy as np
 
+from mlimages_jax import fileio
 from mlimages_jax.fileio import PathLike, atomic_writer
 from mlimages_jax.data.annotation_reader import compressed_writer
 from mlimages_jax.data.annotation_reader import open_binary
@@ -36,7 +36,7 @@ def load_openimages_mapping(path: PathLike, num_classes: int
   source = str(path)
   mapping: dict[str, int] = {}
   first_line: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_text(path, LabelError) as f:
     for lineno, line in enumerate(f, start=1):
       fields = line.split()
       if not fields or fields[0].startswith("#"):
@@ -106,7 +106,7 @@ def remap_openimages_file(input_path: PathLike, output_path: PathLike,
       raw, output_path) as out:
     stream, file = open_binary(input_path)
     with stream, file:
-      text = io.TextIOWrapper(stream, encoding="utf-8", newline=None)
+      text = fileio.decode_lines(stream, source, LabelError)
       for lineno, (key, tags) in enumerate(_openimages_rows(text, source,
                                                             invalid)):
         summary.rows_in += 1

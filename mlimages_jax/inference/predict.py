@@ -19,7 +19,9 @@ feature vector of the centre crop (the original's extractor) or the mean over
 the 10 crops.
 
 Files that cannot be read or decoded are skipped and reported with their
-reason; results keep the order of the input. `extract_features_to_file`
+reason; both preprocessings first apply the project's decode policy
+(`decoding`: pixel limit from the header, truncated or corrupt files refused,
+a pixel budget for the decoding threads). Results keep the order of the input. `extract_features_to_file`
 saves long runs chunk by chunk so that a killed run resumes. The writers also
 produce the original's files (`label_pred.txt` blocks, feature lines).
 """
@@ -46,6 +48,7 @@ from etils import epath
 from tqdm import tqdm
 
 from mlimages_jax.checkpoints import store
+from mlimages_jax import decoding
 from mlimages_jax import fileio
 from mlimages_jax.inputs import client_preprocessing
 from mlimages_jax.inputs import preprocessing
@@ -201,7 +204,7 @@ def _list_entries(path: str | os.PathLike[str],
                   root: str | os.PathLike[str] | None, separator: str
                   ) -> list[tuple[str, str]]:
   entries = []
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_text(path) as f:
     for line in f:
       if not line.strip() or line.lstrip().startswith("#"):
         continue
@@ -229,6 +232,14 @@ def _unreadable(path: str) -> str | None:
   if not os.access(path, os.R_OK):
     return "permission denied"
   return None
+
+
+def _check_image(path: str) -> decoding.ImageHeader | str:
+  """The file's header, or why `decoding` refuses it."""
+  try:
+    return decoding.check_image(path)
+  except decoding.ImageRejected as e:
+    return e.reason
 
 
 Loader = Callable[[list[int], int, list[Failure]],
@@ -300,15 +311,32 @@ def _tf_loader(paths: Sequence[str],
                preprocess: Callable[[tf.Tensor], tf.Tensor]) -> Loader:
   """A tf.data pipeline (parallel decode) with the evaluation functions.
 
-  Files that fail to decode are dropped by `ignore_errors` and found as the
-  indices missing between the ones that come out.
+  Files go through `decoding.check_image` first (in a thread pool): those
+  it refuses are failures with its reason. At most `decoding.PIXEL_BUDGET`
+  pixels' worth of the largest image are decoded at once. Files that still
+  fail to decode are dropped by `ignore_errors` and found as the indices
+  missing between the ones that come out.
   """
   def load(readable: list[int], batch_size: int, failures: list[Failure]
            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    checked, largest = [], 1
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+      for i, result in zip(readable, pool.map(
+          _check_image, [paths[i] for i in readable])):
+        if isinstance(result, str):
+          failures.append(Failure(i, paths[i], result))
+        else:
+          checked.append(i)
+          largest = max(largest, result.pixels)
+    if not checked:
+      return
+    readable = checked
     ds = tf.data.Dataset.from_tensor_slices(
         (np.array(readable, np.int64), [paths[i] for i in readable]))
     ds = ds.map(lambda i, p: (i, preprocess(tf.io.read_file(p))),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                num_parallel_calls=max(1, min(
+                    os.cpu_count() or 1, decoding.PIXEL_BUDGET // largest)),
+                deterministic=True)
     ds = ds.ignore_errors().batch(batch_size).prefetch(2)
     expected = [*readable, len(paths)]  # Sentinel: everything left is missing.
     pos = 0

@@ -15,6 +15,11 @@ the pixels those of the original (other JPEG decoders, EXIF handling and
 bilinear resamplers differ by grey levels). Crops are returned as uint8 RGB;
 `preprocessing.normalize` maps them to the original's [-1, 1] values within
 one float32 rounding.
+
+Before OpenCV decodes anything, the project's decode policy (`decoding`)
+reads the header and the whole file: too many pixels, a truncated or a
+corrupt file give an ImageError with the reason, and the decoding threads
+share the process's pixel budget.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import os
 
 import cv2
 import numpy as np
+
+from mlimages_jax import decoding
 
 RESIZE_SIDE = 256
 CROP_SIZE = 224
@@ -42,8 +49,17 @@ class ImageError(ValueError):
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-  """uint8 BGR [H, W, 3] exactly as the original's `cv2.imread(path)`."""
-  image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+  """uint8 BGR [H, W, 3] exactly as the original's `cv2.imread(path)`.
+
+  Only files that pass `decoding.check_image` reach OpenCV (ImageError with
+  the policy's reason otherwise), within `decoding.BUDGET`.
+  """
+  try:
+    header = decoding.check_image(path)
+  except decoding.ImageRejected as e:
+    raise ImageError(path, e.reason) from None
+  with decoding.BUDGET.reserve(header.pixels):
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
   if image is None:
     raise ImageError(path, "not a decodable image")
   return image

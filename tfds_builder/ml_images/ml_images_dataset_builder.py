@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from mlimages_jax import decoding
+from mlimages_jax import fileio
 from mlimages_jax.data import annotations
 from mlimages_jax.data import closure
 from mlimages_jax.data import cooccurrence
@@ -150,17 +152,27 @@ def to_rgb_jpeg(data: bytes) -> bytes:
   1/8 scale (libjpeg still reads the whole entropy-coded stream) and kept
   byte-for-byte; anything else (PNG, grayscale or CMYK JPEG, GIF, ...) is
   converted to RGB and encoded as JPEG.
+
+  The project's decode policy applies (`decoding`): the pixel limit is
+  checked from the header before anything is decoded, the decoding threads
+  share the process's pixel budget, and 16-bit greyscale becomes 8-bit by
+  `>> 8` (as OpenCV and TF read it; PIL alone would clip it to white).
   """
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    header = decoding.read_header(data)
+  except decoding.ImageRejected as e:
+    raise UndecodableImageError(e.reason) from None
+  try:
+    with decoding.BUDGET.reserve(header.pixels), \
+        Image.open(io.BytesIO(data)) as image:
       if image.format == "JPEG" and image.mode == "RGB":
         image.draft("RGB", (max(1, image.width // 8),
                             max(1, image.height // 8)))
         image.load()
         return data
       image.load()
-      rgb = _to_rgb(image)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      rgb = _to_rgb(decoding.to_8bit(image))
+  except (OSError, SyntaxError, ValueError) as e:
     raise UndecodableImageError(f"{type(e).__name__}: {e}") from e
   buffer = io.BytesIO()
   rgb.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
@@ -232,7 +244,8 @@ def _parse_chunk(chunk: _ListChunk, hierarchy: hierarchy_lib.Hierarchy,
       if chunk.end is not None and offset >= chunk.end:
         break
       offset += len(raw)
-      line = raw.decode("utf-8")
+      line = fileio.decode_line(raw, chunk.list_path, lineno,
+                                annotations.LabelError)
       if not line.strip():
         continue
       rows.append(annotations.parse_line(
@@ -481,8 +494,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise MissingManualFilesError(
           f"ml_images/{self.builder_config.name}: missing {path}\n"
           f"{_MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    hierarchy = hierarchy_lib.Hierarchy.from_lines(
-        path.read_text(encoding="utf-8").splitlines(), source=str(path))
+    hierarchy = hierarchy_lib.Hierarchy.from_file(path)
     self.info.features["labels"].feature.names = list(hierarchy.wnids)
     self.info.metadata.update(hierarchy.to_json_metadata())
     return hierarchy
