@@ -74,13 +74,14 @@ def torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
            *, overwrite: bool = False) -> pathlib.Path:
   """Writes the PyTorch export of `checkpoint` to `out` (atomically)."""
-  variables, metadata, model = bundle.load_checked(checkpoint)
+  variables, metadata, model = bundle.load_checked(checkpoint, out)
   config = {**bundle.describe(metadata, os.fspath(checkpoint), FORMAT),
             "architecture": bundle.architecture(model),
             "input": "float32 NCHW, uint8 pixels x 2/255 - 1 "
                      "(mlimages_resnet.normalize)",
             "outputs": ["logits", "features"]}
-  with fileio.atomic_directory(out, overwrite=overwrite) as tmp:
+  with fileio.atomic_directory(out, marker=MODULE_FILE,
+                               overwrite=overwrite) as tmp:
     save_file(torch_state_dict(variables), tmp / WEIGHTS_FILE,
               metadata={"format": FORMAT})
     shutil.copyfile(TORCH_MODULE, tmp / MODULE_FILE)
