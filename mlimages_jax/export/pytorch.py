@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from mlimages_jax import fileio
 from mlimages_jax.export import bundle
@@ -82,8 +82,9 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
             "outputs": ["logits", "features"]}
   with fileio.atomic_directory(out, marker=MODULE_FILE,
                                overwrite=overwrite) as tmp:
-    save_file(torch_state_dict(variables), tmp / WEIGHTS_FILE,
-              metadata={"format": FORMAT})
+    # safetensors' save_file creates a private 0600 file: write its bytes.
+    (tmp / WEIGHTS_FILE).write_bytes(
+        save(torch_state_dict(variables), metadata={"format": FORMAT}))
     shutil.copyfile(TORCH_MODULE, tmp / MODULE_FILE)
     with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
       json.dump(config, f, indent=1)
