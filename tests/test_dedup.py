@@ -14,6 +14,7 @@ from PIL import Image
 
 from mlimages_jax.acquire import dedup
 from mlimages_jax.acquire import errors
+from mlimages_jax.acquire import output_dir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -172,6 +173,9 @@ def test_cli_dedup_in_place(tmp_path):
       "x.jpg\t1:1\nz.jpg\t2:1\n")
   assert (tmp_path / "d" / "im_list.txt.bak").read_text() == original
   assert len(out.read_text().splitlines()) == 3
+  # Recorded for a rerun of the download that wrote the list.
+  assert output_dir.read_edits(str(tmp_path / "d" / "im_list.txt")) == {
+      "y.jpg": None, "x.jpg": "x.jpg\t1:1"}
 
 
 def test_missing_inputs(tmp_path):

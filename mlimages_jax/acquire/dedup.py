@@ -415,7 +415,9 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
 
   The kept image (first in input order) gets the group's merged annotations;
   lines without repeats are copied untouched. Output: ``<list>.dedup.txt``,
-  or with ``in_place`` the list itself (the original kept as ``.bak``).
+  or with ``in_place`` the list itself (the original kept as ``.bak``), its
+  edits recorded (`output_dir.record_edits`) so that rerunning the download
+  or extraction that wrote the list keeps them.
   """
   grouped = [i for g in report.groups for i in g]
   info = _names(report, grouped)
@@ -435,6 +437,11 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
       backup = f"{inp.list_path}.bak"
       shutil.copyfile(inp.list_path, f"{backup}.tmp")
       os.replace(f"{backup}.tmp", backup)
+      output_dir.record_edits(
+          inp.list_path,
+          [info[i][0] for g in report.groups for i in g[1:]
+           if report.source[i] == index],
+          [line for (source, _), line in merged.items() if source == index])
     with output_dir.atomic_text(out) as f:
       for item in image_list.ListReader(backup if in_place else inp.list_path):
         key = (index, item.lineno)
