@@ -178,6 +178,27 @@ def test_cli_dedup_in_place(tmp_path):
       "y.jpg": None, "x.jpg": "x.jpg\t1:1"}
 
 
+@pytest.mark.parametrize("argv", [
+    ["{d}", "--out", "{d}/im_list.txt"],
+    ["{d}", "--out", "{d}/images/dups.tsv"],
+    ["{d}/im_list.txt", "{d}/im_list.dedup.txt", "--drop"]])
+def test_outputs_never_overwrite_inputs(tmp_path, capsys, argv):
+  """The report or a de-duplicated list over an input list or its images:
+  refused before hashing, with one line."""
+  from mlimages_jax.cli import main  # pylint: disable=g-import-not-at-top
+  img = _encode(_photo(9))
+  _write_dir(tmp_path / "d", [("x.jpg", img, "1"), ("y.jpg", img, "2")])
+  (tmp_path / "d" / "im_list.dedup.txt").write_text("y.jpg\t2\n")
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  code = main(["dedup", *[a.format(d=tmp_path / "d") for a in argv],
+               "--no-progress"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert "refusing to write over an input" in err and err.count("\n") == 1
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*")
+          if p.is_file()} == before
+
+
 def test_missing_inputs(tmp_path):
   with pytest.raises(errors.AcquireError, match="no im_list.txt"):
     dedup.find_duplicates([tmp_path], progress=False)

@@ -364,6 +364,22 @@ def test_a_rerun_keeps_what_dedup_did(server, tmp_path):
   assert set(server.requests.values()) == {1}
 
 
+def test_the_url_list_is_never_an_output(server, tmp_path):
+  """A list saved where the run writes (im_list.txt, images/): refused."""
+  out = tmp_path / "out"
+  (out / "images").mkdir(parents=True)
+  text = f"{server.image('/l/f/a.jpg', make_jpeg(1))}\t1\n"
+  for where in ("im_list.txt", "images/urls.txt"):
+    (out / where).write_text(text)
+    with pytest.raises(ValueError, match=f"--out {where.split('/')[0]} "):
+      dl.download(str(out / where), str(out), fast_config())
+    assert (out / where).read_text() == text
+  assert not server.requests
+  (out / "urls.txt").write_text(text)  # Beside what the run writes: fine.
+  dl.download(str(out / "urls.txt"), str(out), fast_config())
+  assert read_im_list(out) == [("f_a.jpg", "1")]
+
+
 def test_real_tiny_list_names(server, tmp_path, shared_dir):
   """The shipped 100-URL list, served locally under the same paths."""
   src = (shared_dir / "train_urls_tiny.txt").read_text().splitlines()

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mlimages_jax import fileio
 from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import image_list
 from mlimages_jax.acquire import output_dir
@@ -397,6 +398,29 @@ def write_report(report: Report, path: str) -> None:
                 f"{names[i][0]}\t{digest}\t{perceptual}\n")
 
 
+def _dropped_list_path(inp: Input, in_place: bool) -> str:
+  """Where `drop_duplicates` writes an input's list without repeats."""
+  stem, ext = os.path.splitext(inp.list_path)
+  return inp.list_path if in_place else f"{stem}.dedup{ext or '.txt'}"
+
+
+def check_outputs(inputs: Sequence[str], report_path: str, *,
+                  drop: bool = False, in_place: bool = False) -> None:
+  """Refuses (OverlapError) a report or a written list that would be, hold or
+  sit inside an input's list or images, before any hashing; with
+  `in_place`, each list may replace itself."""
+  resolved = [resolve_input(p) for p in inputs]
+  sources = {}
+  for inp in resolved:
+    sources[f"list {inp.list_path}"] = inp.list_path
+    sources[f"images of {inp.list_path}"] = inp.images_dir
+  fileio.check_disjoint(sources, {"--out": report_path})
+  if drop:
+    fileio.check_disjoint(sources, {
+        f"de-duplicated list of {inp.list_path}": _dropped_list_path(
+            inp, in_place) for inp in resolved}, in_place=in_place)
+
+
 def merge_annotations(annotations: Sequence[str]) -> tuple[np.ndarray,
                                                             np.ndarray]:
   """Union of the classes, each with its highest confidence."""
@@ -431,8 +455,7 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
         annotations_lib.format_line(info[keep][0], idx, conf))
   written = []
   for index, inp in enumerate(report.inputs):
-    stem, ext = os.path.splitext(inp.list_path)
-    out = inp.list_path if in_place else f"{stem}.dedup{ext or '.txt'}"
+    out = _dropped_list_path(inp, in_place)
     if in_place:
       backup = f"{inp.list_path}.bak"
       shutil.copyfile(inp.list_path, f"{backup}.tmp")

@@ -322,7 +322,7 @@ class Downloader:
     """Downloads the pending items; returns the stats written to stats.json."""
     if self.config.name_rule not in naming.NAME_RULES:
       raise ValueError(f"unknown name rule {self.config.name_rule!r}")
-    with output_dir.claim_out_dir(self.out_dir):
+    with output_dir.claim_out_dir(self.out_dir, {"URL_LIST": self.url_list}):
       return self._run_claimed()
 
   def _run_claimed(self) -> dict:

@@ -235,7 +235,9 @@ def extract(id_list: str, imagenet: str, out_dir: str, *,
   """
   id_list, imagenet, out_dir = map(os.fspath, (id_list, imagenet, out_dir))
   layout = detect_layout(imagenet)
-  with output_dir.claim_out_dir(out_dir) as (images, partial):
+  with output_dir.claim_out_dir(out_dir, {"ID_LIST": id_list,
+                                         "--imagenet": imagenet}
+                                ) as (images, partial):
     return _extract(id_list, imagenet, out_dir, layout, images, partial,
                     skip_invalid=skip_invalid, num_classes=num_classes,
                     threads=threads, progress=progress)

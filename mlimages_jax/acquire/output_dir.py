@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -221,17 +221,28 @@ def list_fingerprint(path: str) -> str:
   return h.hexdigest()
 
 
+# What a run writes into its folder (the user's other files there are left).
+WRITTEN = ("images", PARTIAL_DIR, ".lock", journal_lib.JOURNAL_NAME, IM_LIST,
+           "failed.tsv", "stats.json", "missing.txt")
+
+
 @contextlib.contextmanager
-def claim_out_dir(out_dir: str) -> Iterator[tuple[str, str]]:
+def claim_out_dir(out_dir: str, inputs: Mapping[str, str]
+                  ) -> Iterator[tuple[str, str]]:
   """Prepares an output folder and holds it for one run; yields the paths.
 
-  Creates ``images/`` and an empty ``.partial/`` (clear error if the folder
-  is not writable), and holds an exclusive lock on ``<out>/.lock`` so that a
-  second run into the same folder stops at once instead of racing this one.
-  The kernel drops the lock when the process dies, even by SIGKILL.
+  Refuses a folder where what the run writes would be, hold or sit inside
+  one of `inputs` (``fileio.OverlapError``: e.g. the URL list saved as
+  ``<out>/im_list.txt``). Creates ``images/`` and an empty ``.partial/``
+  (clear error if the folder is not writable), and holds an exclusive lock
+  on ``<out>/.lock`` so that a second run into the same folder stops at once
+  instead of racing this one. The kernel drops the lock when the process
+  dies, even by SIGKILL.
   """
   import fcntl  # pylint: disable=g-import-not-at-top
 
+  fileio.check_disjoint(inputs, {f"--out {name}": os.path.join(out_dir, name)
+                                 for name in WRITTEN})
   images = os.path.join(out_dir, "images")
   partial = os.path.join(out_dir, PARTIAL_DIR)
   try:
