@@ -146,8 +146,10 @@ def _outputs_overlap(args: argparse.Namespace, paths: list[str],
   may hold millions).
   """
   from mlimages_jax import fileio
-  names = {os.path.basename(os.fspath(p)) for p in outputs.values()}
-  images = {f"IMAGE {p}": p for p in paths if os.path.basename(p) in names}
+  names = {os.path.basename(os.fspath(p)) for p in outputs.values()
+           if p is not None}
+  images = {f"IMAGE #{i}": p for i, p in enumerate(paths, 1)
+            if os.path.basename(p) in names}
   try:
     fileio.check_disjoint({"--checkpoint": args.checkpoint,
                            "--list": args.image_list, **images}, outputs)
