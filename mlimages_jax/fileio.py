@@ -146,8 +146,9 @@ def _remove_stale_temps(path: pathlib.Path) -> None:
   Only names that this module makes for this very output, and only those
   of processes that no longer run (a live writer's are left alone).
   """
+  # mkstemp/mkdtemp's random part is [a-z0-9_]; "old": atomic_directory's.
   pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[a-z0-9_]+"
-                       rf"(\.tmp|\.old)?")
+                       rf"(\.tmp)?")
   with contextlib.suppress(FileNotFoundError):
     for entry in os.scandir(path.parent):
       match = pattern.fullmatch(entry.name)
