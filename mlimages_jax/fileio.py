@@ -17,8 +17,19 @@ offers:
   succeeded; a failure or a kill before that leaves the previous object.
 
 An interrupted or failed run thus never leaves a truncated file that a later
-step (or a resumed run) would trust. Kept free of heavy imports so the label
-tools start fast (epath loads TensorFlow only when a URI is used).
+step (or a resumed run) would trust; the temporary files of a killed run
+(named ``.<name>.<pid>.<random>.tmp``) are removed by the next write of the
+same output. Results get the permissions any file of the user gets (0666 and
+directories 0777, less the umask; a rewrite keeps the replaced file's mode),
+not mkstemp's private 0600.
+
+No output may be, contain or sit inside an input of the same command
+(`check_disjoint`), and ``--overwrite`` replaces a directory only if it holds
+the marker file that the command writes (`atomic_directory`): a typo'd
+``--out`` never deletes a run or the data it reads.
+
+Kept free of heavy imports so the label tools start fast (epath loads
+TensorFlow only when a URI is used).
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ import contextlib
 import io
 import os
 import pathlib
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Iterable
-from typing import IO, Iterator, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Union
 
 from etils import epath
 
@@ -53,6 +66,111 @@ def as_path(path: PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.fspath(path)))
 
 
+class OverlapError(ValueError):
+  """An output that is, contains or sits inside an input of the command."""
+
+
+def _resolved(path: PathLike) -> str:
+  """Comparable form: symlinks resolved locally, '/'-normalised for URIs."""
+  if is_remote(path):
+    return os.fspath(path).rstrip("/")
+  return os.path.realpath(os.fspath(path))
+
+
+def _within(inner: str, outer: str) -> bool:
+  return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_disjoint(inputs: Mapping[str, PathLike | None],
+                   outputs: Mapping[str, PathLike | None], *,
+                   in_place: bool = False) -> None:
+  """Refuses outputs that are, contain or sit inside an input.
+
+  `inputs` and `outputs` map how the user named each path (``--checkpoint``,
+  ``--out``) to the path; None entries are ignored. With `in_place`, an
+  output may be the very file it was read from (replaced atomically once
+  read), never a folder around or inside an input. Raises OverlapError with
+  a one-line message naming both.
+  """
+  ins = [(name, p, _resolved(p)) for name, p in inputs.items()
+         if p is not None]
+  for out_name, out in outputs.items():
+    if out is None:
+      continue
+    target = _resolved(out)
+    for in_name, path, source in ins:
+      if in_place and target == source and not os.path.isdir(source):
+        continue
+      if target == source:
+        how = "is"
+      elif _within(target, source):
+        how = "is inside"
+      elif _within(source, target):
+        how = "contains"
+      else:
+        continue
+      raise OverlapError(
+          f"{out_name} {os.fspath(out)} {how} the input {in_name} "
+          f"{os.fspath(path)}: refusing to write over an input")
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux allows."""
+  with contextlib.suppress(OSError, ValueError):
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  mask = os.umask(0o077)  # Elsewhere: set and restore at once.
+  os.umask(mask)
+  return mask
+
+
+def _mode(path: PathLike, new: int) -> int:
+  """The mode a result at `path` gets: the replaced one's, or `new` less the
+  umask (the mode open() or mkdir() would give it)."""
+  try:
+    return stat.S_IMODE(os.stat(path).st_mode)
+  except FileNotFoundError:
+    return new & ~_umask()
+
+
+def _temp_prefix(path: pathlib.Path) -> str:
+  """Our temporary names for `path`: ``.<name>.<pid>.`` + random (+ .tmp)."""
+  return f".{path.name}.{os.getpid()}."
+
+
+def _remove_stale_temps(path: pathlib.Path) -> None:
+  """Removes the temporaries that killed processes left for `path`.
+
+  Only names that this module makes for this very output, and only those
+  of processes that no longer run (a live writer's are left alone).
+  """
+  # mkstemp/mkdtemp's random part is [a-z0-9_]; "old": atomic_directory's.
+  pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[a-z0-9_]+"
+                       rf"(\.tmp)?")
+  with contextlib.suppress(FileNotFoundError):
+    for entry in os.scandir(path.parent):
+      match = pattern.fullmatch(entry.name)
+      if match is None or _is_running(int(match.group(1))):
+        continue
+      if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(entry.path)
+
+
+def _is_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
 @contextlib.contextmanager
 def atomic_writer(path: PathLike, mode: str = "w",
                   **open_kwargs) -> Iterator[IO]:
@@ -63,9 +181,11 @@ def atomic_writer(path: PathLike, mode: str = "w",
     return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+  _remove_stale_temps(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path),
                              suffix=".tmp")
   try:
+    os.fchmod(fd, _mode(path, 0o666))
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
@@ -109,20 +229,32 @@ def append_text(path: PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], *,
+def atomic_directory(path: str | os.PathLike[str], *, marker: str,
                      overwrite: bool = False) -> Iterator[pathlib.Path]:
   """A temporary directory that becomes `path` (local) only if the block
-  succeeds; an existing `path` is replaced only then, with `overwrite`."""
+  succeeds.
+
+  `marker` names a file the block writes into the directory, one only this
+  command writes: an existing `path` is replaced (with `overwrite`, and
+  only once the block succeeded) if it holds that file, so ``--overwrite``
+  replaces an earlier output of the command and nothing else.
+  """
   path = pathlib.Path(path).resolve()
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+  if path.exists() and not (path / marker).is_file():
+    raise FileExistsError(
+        f"{path} exists and was not written by this command (no {marker} "
+        "in it): refusing to replace it, even with --overwrite")
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.",
+  _remove_stale_temps(path)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(path),
                                       dir=path.parent))
   try:
+    os.chmod(tmp, _mode(path, 0o777))
     yield tmp
     if path.exists():
-      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      old = path.with_name(f"{_temp_prefix(path)}old")
       os.replace(path, old)
       os.replace(tmp, path)
       shutil.rmtree(old)

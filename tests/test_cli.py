@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -215,3 +216,40 @@ def test_real_files_through_a_subprocess(shared_dir, real_hierarchy_path,
   assert stats["num_categories"] == 11166 and stats["num_roots"] == 4
   assert stats["roots"] == ["thing", "matter", "object, physical object",
                             "atmospheric phenomenon"]
+
+
+@pytest.mark.parametrize("command", [
+    ["augment", "{a}", "{dictionary}", "--dictionary", "{dictionary}"],
+    ["augment", "{a}", "{tmp}", "--dictionary", "{dictionary}"],
+    ["remap", "{a}", "{map}", "--mapping", "{map}", "--dictionary",
+     "{dictionary}"],
+    ["cooccurrence", "--scores", "{tmp}/s.npy", "--images", "{a}",
+     "--columns", "{map}", "--dictionary", "{dictionary}", "--out", "{a}"],
+    ["stats", "{a}", "{tmp}/stats.json", "--dictionary", "{dictionary}",
+     "--out", "{tmp}"]])
+def test_labels_never_write_over_their_inputs(capsys, dictionary, tmp_path,
+                                              command):
+  """An output that is (or holds) an input: one-line error, input intact."""
+  (tmp_path / "a.txt").write_text("a 1\n")
+  (tmp_path / "map.tsv").write_text("/m/dog\t2\n")
+  (tmp_path / "stats.json").write_text("a 2\n")  # A list of that name.
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  code, stdout, err = run(capsys, "labels", *[arg.format(
+      a=tmp_path / "a.txt", dictionary=dictionary, tmp=tmp_path,
+      map=tmp_path / "map.tsv") for arg in command])
+  assert code == 1 and stdout == ""
+  assert "refusing to write over an input" in err and err.count("\n") == 1
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_labels_augment_in_place_keeps_the_files_mode(capsys, dictionary,
+                                                      tmp_path):
+  """INPUT = OUTPUT is a rewrite: allowed, and the list stays 0644."""
+  inp = tmp_path / "in.txt"
+  inp.write_text("a.jpg 1\n")
+  inp.chmod(0o644)
+  code, _, _ = run(capsys, "labels", "augment", inp, inp, "--dictionary",
+                   dictionary)
+  assert code == 0
+  assert inp.read_text() == "a.jpg\t0:1\t1:1\t2:1\t5:1\n"
+  assert stat.S_IMODE(inp.stat().st_mode) == 0o644

@@ -221,6 +221,25 @@ def test_wrong_expectations_and_unreadable_input(tf_checkpoint, tmp_path,
   assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet_dict.txt"]
 
 
+def test_out_never_replaces_an_input_or_a_foreign_directory(
+    tf_checkpoint, tmp_path, capsys):
+  """--out holding the TF checkpoint, or a run with --overwrite: refused,
+  and both stay."""
+  prefix, _, _ = tf_checkpoint
+  (tmp_path / "config.json").write_text("{}")  # A training run, say.
+  folders = (prefix.parent, tmp_path)
+  before = {p: p.read_bytes() for d in folders for p in d.rglob("*")
+            if p.is_file()}
+  rc = cli.main(["convert-tf-checkpoint", str(prefix), "--out",
+                 str(prefix.parent), "--overwrite"])
+  assert rc == 1 and "contains the input TF_CKPT_PREFIX" in (
+      capsys.readouterr().err)
+  with pytest.raises(store.CheckpointError, match="not an inference"):
+    convert_tf.convert_checkpoint(str(prefix), tmp_path, overwrite=True)
+  assert {p: p.read_bytes() for d in folders for p in d.rglob("*")
+          if p.is_file()} == before
+
+
 def test_name_mapping_is_the_original_scopes():
   assert (convert_tf.tf_name_of("params", ("init_conv", "kernel"))
           == "init/init_conv/conv2d/kernel")

@@ -15,6 +15,7 @@ from PIL import Image
 from mlimages_jax import decoding
 from mlimages_jax.acquire import dedup
 from mlimages_jax.acquire import errors
+from mlimages_jax.acquire import output_dir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -190,6 +191,30 @@ def test_cli_dedup_in_place(tmp_path):
       "x.jpg\t1:1\nz.jpg\t2:1\n")
   assert (tmp_path / "d" / "im_list.txt.bak").read_text() == original
   assert len(out.read_text().splitlines()) == 3
+  # Recorded for a rerun of the download that wrote the list.
+  assert output_dir.read_edits(str(tmp_path / "d" / "im_list.txt")) == {
+      "y.jpg": None, "x.jpg": "x.jpg\t1:1"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["{d}", "--out", "{d}/im_list.txt"],
+    ["{d}", "--out", "{d}/images/dups.tsv"],
+    ["{d}/im_list.txt", "{d}/im_list.dedup.txt", "--drop"]])
+def test_outputs_never_overwrite_inputs(tmp_path, capsys, argv):
+  """The report or a de-duplicated list over an input list or its images:
+  refused before hashing, with one line."""
+  from mlimages_jax.cli import main  # pylint: disable=g-import-not-at-top
+  img = _encode(_photo(9))
+  _write_dir(tmp_path / "d", [("x.jpg", img, "1"), ("y.jpg", img, "2")])
+  (tmp_path / "d" / "im_list.dedup.txt").write_text("y.jpg\t2\n")
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  code = main(["dedup", *[a.format(d=tmp_path / "d") for a in argv],
+               "--no-progress"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert "refusing to write over an input" in err and err.count("\n") == 1
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*")
+          if p.is_file()} == before
 
 
 def test_missing_inputs(tmp_path):

@@ -319,6 +319,67 @@ def test_write_error_stops_cleanly_and_resumes(server, tmp_path):
   assert all(server.requests[f"/w/f/s{i}.jpg"] == 1 for i in range(3))
 
 
+def test_a_rerun_fetches_again_what_was_deleted(server, tmp_path):
+  """The journal agrees with the disk: im_list.txt never names a missing
+  file; a deleted image is fetched again (or reported failed)."""
+  bodies = [make_jpeg(i) for i in range(3)]
+  lst = tmp_path / "urls.txt"
+  lst.write_text("".join(f"{server.image(f'/d/f/{i}.jpg', b)}\t{i}\n"
+                         for i, b in enumerate(bodies)))
+  out = tmp_path / "out"
+  dl.download(str(lst), str(out), fast_config())
+  for i in (0, 2):
+    (out / "images" / f"f_{i}.jpg").unlink()
+  server.routes["/d/f/2.jpg"] = [(404, {}, b"gone", 0.0)]
+  stats = dl.download(str(lst), str(out), fast_config())
+  assert read_im_list(out) == [("f_0.jpg", "0"), ("f_1.jpg", "1")]
+  assert (out / "images" / "f_0.jpg").read_bytes() == bodies[0]
+  assert read_failed(out) == {server.url("/d/f/2.jpg"): ("http_404", 1)}
+  assert (stats["ok"], stats["failed"]) == (2, 1)
+  assert stats["last_run"]["missing_on_disk"] == 2
+  assert dict(server.requests) == {"/d/f/0.jpg": 2, "/d/f/1.jpg": 1,
+                                   "/d/f/2.jpg": 2}
+
+
+def test_a_rerun_keeps_what_dedup_did(server, tmp_path):
+  """dedup --drop --in-place, then the same download again: the duplicate
+  stays dropped (even once its file is deleted) and the merged labels
+  stay."""
+  from mlimages_jax.acquire import dedup  # pylint: disable=g-import-not-at-top
+  same = make_jpeg(1)
+  lst = tmp_path / "urls.txt"
+  lst.write_text(f"{server.image('/u/f/a.jpg', same)}\t1:0.5\n"
+                 f"{server.image('/u/f/b.jpg', make_jpeg(2))}\t2:1\n"
+                 f"{server.image('/u/f/c.jpg', same)}\t1:1 3:1\n")
+  out = tmp_path / "out"
+  dl.download(str(lst), str(out), fast_config())
+  dedup.drop_duplicates(dedup.find_duplicates([out], progress=False),
+                        in_place=True)
+  deduplicated = (out / "im_list.txt").read_text()
+  assert deduplicated == "f_a.jpg\t1:1\t3:1\nf_b.jpg\t2:1\n"
+  (out / "images" / "f_c.jpg").unlink()  # Redundant: the user frees space.
+  stats = dl.download(str(lst), str(out), fast_config())
+  assert (out / "im_list.txt").read_text() == deduplicated
+  assert stats["dropped_as_duplicates"] == 1
+  assert set(server.requests.values()) == {1}
+
+
+def test_the_url_list_is_never_an_output(server, tmp_path):
+  """A list saved where the run writes (im_list.txt, images/): refused."""
+  out = tmp_path / "out"
+  (out / "images").mkdir(parents=True)
+  text = f"{server.image('/l/f/a.jpg', make_jpeg(1))}\t1\n"
+  for where in ("im_list.txt", "images/urls.txt"):
+    (out / where).write_text(text)
+    with pytest.raises(ValueError, match=f"--out {where.split('/')[0]} "):
+      dl.download(str(out / where), str(out), fast_config())
+    assert (out / where).read_text() == text
+  assert not server.requests
+  (out / "urls.txt").write_text(text)  # Beside what the run writes: fine.
+  dl.download(str(out / "urls.txt"), str(out), fast_config())
+  assert read_im_list(out) == [("f_a.jpg", "1")]
+
+
 def test_real_tiny_list_names(server, tmp_path, shared_dir):
   """The shipped 100-URL list, served locally under the same paths."""
   src = (shared_dir / "train_urls_tiny.txt").read_text().splitlines()

@@ -417,3 +417,16 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 if __name__ == "__main__":
   _worker(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))
+
+
+def test_results_never_go_into_the_checkpoint(tmp_path, capsys):
+  """--workdir = the run evaluated: refused before anything is loaded."""
+  (tmp_path / "config.json").write_text("{}")
+  assert cli_main(["evaluate", "--checkpoint", str(tmp_path), "--dataset",
+                   "eval_tiny_single", "--workdir", str(tmp_path),
+                   "--no-progress"]) == 1
+  err = capsys.readouterr().err
+  assert err == (f"error: --workdir {tmp_path}/eval_results.json is inside "
+                 f"the input --checkpoint {tmp_path}: refusing to write over "
+                 "an input\n")
+  assert [p.name for p in tmp_path.iterdir()] == ["config.json"]

@@ -266,3 +266,13 @@ def backbones_random() -> dict:
   return jax.tree.map(np.asarray, dict(jax.jit(
       functools.partial(model.init, train=False))(
           jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
+
+
+def test_cli_out_never_goes_into_the_checkpoint(tmp_path, capsys):
+  """--out inside the checkpoint: refused before anything is loaded."""
+  out = tmp_path / "fewshot.json"
+  assert cli_main(["fewshot", "--checkpoint", str(tmp_path), "--dataset",
+                   "cifar100", "--out", str(out), "--no-progress"]) == 1
+  assert capsys.readouterr().err == (
+      f"mlimages fewshot: error: --out {out} is inside the input "
+      f"--checkpoint {tmp_path}: refusing to write over an input\n")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import http.server
+import os
+import pathlib
+import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -70,18 +75,18 @@ def test_append_text(tmp_path, monkeypatch, remote):
 def test_atomic_directory_keeps_the_existing_one_unless_overwrite(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
-  (out / "old").write_text("x")
+  (out / "MARK").write_text("x")
   with pytest.raises(FileExistsError, match="--overwrite"):
-    with fileio.atomic_directory(out):
+    with fileio.atomic_directory(out, marker="MARK"):
       pass
   with pytest.raises(RuntimeError):
-    with fileio.atomic_directory(out, overwrite=True) as tmp:
+    with fileio.atomic_directory(out, marker="MARK", overwrite=True) as tmp:
       (tmp / "new").write_text("y")
       raise RuntimeError("export failed half-way")
-  assert sorted(p.name for p in out.iterdir()) == ["old"]
-  with fileio.atomic_directory(out, overwrite=True) as tmp:
-    (tmp / "new").write_text("y")
-  assert sorted(p.name for p in out.iterdir()) == ["new"]
+  assert sorted(p.name for p in out.iterdir()) == ["MARK"]
+  with fileio.atomic_directory(out, marker="MARK", overwrite=True) as tmp:
+    (tmp / "MARK").write_text("y")
+  assert (out / "MARK").read_text() == "y"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -144,3 +149,92 @@ def test_read_url_has_a_total_deadline_and_a_size_cap():
   finally:
     server.shutdown()
     server.server_close()
+def test_overwrite_replaces_only_a_directory_the_command_wrote(tmp_path):
+  """A run, a dataset, a home: no marker, so --overwrite refuses them."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "checkpoint").write_text("precious")
+  with pytest.raises(FileExistsError, match="not written by this command"):
+    with fileio.atomic_directory(run, marker="MARK", overwrite=True) as tmp:
+      (tmp / "MARK").write_text("y")
+  assert [p.name for p in run.iterdir()] == ["checkpoint"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_results_get_the_users_umask(tmp_path, umask):
+  """Not mkstemp's 0600 nor mkdtemp's 0700: what open() and mkdir() give."""
+  old = os.umask(umask)
+  try:
+    with fileio.atomic_writer(tmp_path / "out.txt") as f:
+      f.write("x")
+    with fileio.atomic_directory(tmp_path / "dir", marker="m") as tmp:
+      (tmp / "m").write_text("")
+  finally:
+    os.umask(old)
+  assert _mode(tmp_path / "out.txt") == 0o666 & ~umask
+  assert _mode(tmp_path / "dir") == 0o777 & ~umask
+
+
+def test_a_rewrite_keeps_the_files_mode(tmp_path):
+  """An in-place rewrite (labels augment IN IN) keeps e.g. 0644 or 0640."""
+  target = tmp_path / "list.txt"
+  for mode in (0o644, 0o640):
+    target.write_text("old")
+    target.chmod(mode)
+    with fileio.atomic_writer(target) as f:
+      f.write("new")
+    assert (_mode(target), target.read_text()) == (mode, "new")
+
+
+def _mode(path: pathlib.Path) -> int:
+  return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_next_write_removes_a_killed_writers_temporary(tmp_path):
+  """Only our own temporaries of this output, of processes no longer alive."""
+  target = tmp_path / "out.txt"
+  killed = subprocess.Popen(
+      [sys.executable, "-c", "import os, sys\n"
+       "from mlimages_jax import fileio\n"
+       "with fileio.atomic_writer(sys.argv[1]) as f:\n"
+       "  f.write('x' * 100000); f.flush(); os.kill(os.getpid(), 9)",
+       str(target)])
+  assert killed.wait() == -9
+  [left] = [p.name for p in tmp_path.iterdir()]
+  assert left.startswith(f".out.txt.{killed.pid}.") and left.endswith(".tmp")
+  keep = [tmp_path / f".out.txt.{os.getpid()}.abc_12.tmp",  # A live writer.
+          tmp_path / ".out.txt.bak", tmp_path / ".out.txt.1.tmp",
+          tmp_path / f".other.txt.{killed.pid}.abc.tmp"]
+  for path in keep:
+    path.write_text("keep")
+  with fileio.atomic_writer(target) as f:
+    f.write("done")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [p.name for p in keep] + ["out.txt"])
+
+
+@pytest.mark.parametrize("out, how", [
+    ("run", "is"), ("run/export", "is inside"), (".", "contains"),
+    ("link/export", "is inside")])
+def test_an_output_may_not_overlap_an_input(tmp_path, monkeypatch, out, how):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "run").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "run")
+  with pytest.raises(fileio.OverlapError) as e:
+    fileio.check_disjoint({"--checkpoint": "run", "--list": None},
+                          {"--out": out})
+  assert str(e.value) == (f"--out {out} {how} the input --checkpoint run: "
+                          "refusing to write over an input")
+
+
+def test_disjoint_paths_and_in_place_rewrites_pass(tmp_path):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "list.txt").write_text("a\n")
+  fileio.check_disjoint({"--checkpoint": tmp_path / "run"},
+                        {"--out": tmp_path / "run2", "--x": None})
+  fileio.check_disjoint({"INPUT": tmp_path / "list.txt"},
+                        {"OUTPUT": tmp_path / "list.txt"}, in_place=True)
+  with pytest.raises(fileio.OverlapError, match="contains the input"):
+    fileio.check_disjoint({"INPUT": tmp_path / "list.txt"},
+                          {"OUTPUT": tmp_path}, in_place=True)

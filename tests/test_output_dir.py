@@ -25,7 +25,7 @@ def test_second_run_into_same_folder_is_refused(tmp_path):
   lst = tmp_path / "urls.txt"
   lst.write_text("http://127.0.0.1:9/f/x.jpg 1\n")
   out = tmp_path / "out"
-  with output_dir.claim_out_dir(str(out)):  # As if another run were active.
+  with output_dir.claim_out_dir(str(out), {}):  # As if another run were on.
     with pytest.raises(errors.AcquireError, match="another run"):
       dl.download(str(lst), str(out), fast_config())
   assert not (out / journal_lib.JOURNAL_NAME).exists()

@@ -471,6 +471,32 @@ def test_image_lists_with_bom_and_crlf(tmp_path):
                                                        ["3", ""])
 
 
+@pytest.mark.parametrize("argv", [
+    # --list images.txt --out images.npy: the list of images is images.txt.
+    ["features", "--list", "{tmp}/images.txt", "--out", "{tmp}/images.npy"],
+    ["features", "{image}", "--out", "{image}"],
+    ["classify", "--list", "{tmp}/images.txt", "--out", "{tmp}/images.txt"],
+    ["classify", "{image}", "--out", "{checkpoint}/x.tsv"]])
+def test_cli_never_writes_over_its_inputs(checkpoint, generated_images,
+                                          tmp_path, capsys, argv):
+  """One-line error before the model loads; every input intact."""
+  image = tmp_path / "img.jpg"
+  shutil.copyfile(generated_images[0], image)
+  (tmp_path / "images.txt").write_text(f"{image}\n")
+  before = {p: p.read_bytes() for p in [*tmp_path.iterdir(),
+                                        *checkpoint.rglob("*")]
+            if p.is_file()}
+  code = cli_main([a.format(tmp=tmp_path, image=image, checkpoint=checkpoint)
+                   for a in argv] + ["--checkpoint", str(checkpoint),
+                                     "--no-progress"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert "refusing to write over an input" in err and err.count("\n") == 1
+  assert {p: p.read_bytes() for p in [*tmp_path.iterdir(),
+                                      *checkpoint.rglob("*")]
+          if p.is_file()} == before
+
+
 def test_real_photos(loaded, shared_dir, tmp_path):
   """The original project's photos and list (paths relative to its root)."""
   listing = shared_dir / "im_list_for_classification.txt"

@@ -182,6 +182,14 @@ def test_inference_checkpoint_round_trip_is_atomic(tmp_path):
   _assert_trees_equal(store.load_for_inference(path)[0], replacement)
   # No temporary directories are left behind.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+  # overwrite replaces an inference checkpoint, never another directory
+  # (`convert-tf-checkpoint --out RUN --overwrite`).
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "notes.txt").write_text("mine")
+  with pytest.raises(store.CheckpointError, match="not an inference"):
+    store.save_inference_checkpoint(tmp_path / "run", replacement,
+                                    _metadata(), overwrite=True)
+  assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
 
 
 def test_load_for_inference_errors(tmp_path):

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from mlimages_jax import decoding
+from mlimages_jax import fileio
 from mlimages_jax.acquire import errors
 from mlimages_jax.acquire import image_list
 from mlimages_jax.acquire import output_dir
@@ -400,6 +401,29 @@ def write_report(report: Report, path: str) -> None:
                 f"{names[i][0]}\t{digest}\t{perceptual}\n")
 
 
+def _dropped_list_path(inp: Input, in_place: bool) -> str:
+  """Where `drop_duplicates` writes an input's list without repeats."""
+  stem, ext = os.path.splitext(inp.list_path)
+  return inp.list_path if in_place else f"{stem}.dedup{ext or '.txt'}"
+
+
+def check_outputs(inputs: Sequence[str], report_path: str, *,
+                  drop: bool = False, in_place: bool = False) -> None:
+  """Refuses (OverlapError) a report or a written list that would be, hold or
+  sit inside an input's list or images, before any hashing; with
+  `in_place`, each list may replace itself."""
+  resolved = [resolve_input(p) for p in inputs]
+  sources = {}
+  for inp in resolved:
+    sources[f"list {inp.list_path}"] = inp.list_path
+    sources[f"images of {inp.list_path}"] = inp.images_dir
+  fileio.check_disjoint(sources, {"--out": report_path})
+  if drop:
+    fileio.check_disjoint(sources, {
+        f"de-duplicated list of {inp.list_path}": _dropped_list_path(
+            inp, in_place) for inp in resolved}, in_place=in_place)
+
+
 def merge_annotations(annotations: Sequence[str]) -> tuple[np.ndarray,
                                                             np.ndarray]:
   """Union of the classes, each with its highest confidence."""
@@ -418,7 +442,9 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
 
   The kept image (first in input order) gets the group's merged annotations;
   lines without repeats are copied untouched. Output: ``<list>.dedup.txt``,
-  or with ``in_place`` the list itself (the original kept as ``.bak``).
+  or with ``in_place`` the list itself (the original kept as ``.bak``), its
+  edits recorded (`output_dir.record_edits`) so that rerunning the download
+  or extraction that wrote the list keeps them.
   """
   grouped = [i for g in report.groups for i in g]
   info = _names(report, grouped)
@@ -432,12 +458,16 @@ def drop_duplicates(report: Report, *, in_place: bool = False) -> list[str]:
         annotations_lib.format_line(info[keep][0], idx, conf))
   written = []
   for index, inp in enumerate(report.inputs):
-    stem, ext = os.path.splitext(inp.list_path)
-    out = inp.list_path if in_place else f"{stem}.dedup{ext or '.txt'}"
+    out = _dropped_list_path(inp, in_place)
     if in_place:
       backup = f"{inp.list_path}.bak"
       shutil.copyfile(inp.list_path, f"{backup}.tmp")
       os.replace(f"{backup}.tmp", backup)
+      output_dir.record_edits(
+          inp.list_path,
+          [info[i][0] for g in report.groups for i in g[1:]
+           if report.source[i] == index],
+          [line for (source, _), line in merged.items() if source == index])
     with output_dir.atomic_text(out) as f:
       for item in image_list.ListReader(backup if in_place else inp.list_path):
         key = (index, item.lineno)

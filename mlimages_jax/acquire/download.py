@@ -323,7 +323,7 @@ class Downloader:
     """Downloads the pending items; returns the stats written to stats.json."""
     if self.config.name_rule not in naming.NAME_RULES:
       raise ValueError(f"unknown name rule {self.config.name_rule!r}")
-    with output_dir.claim_out_dir(self.out_dir):
+    with output_dir.claim_out_dir(self.out_dir, {"URL_LIST": self.url_list}):
       return self._run_claimed()
 
   def _run_claimed(self) -> dict:
@@ -337,8 +337,8 @@ class Downloader:
     line_range = image_list.shard_range(reader.num_lines, cfg.shard)
     header = {"list_sha256": output_dir.list_fingerprint(self.url_list),
               "shard": list(cfg.shard), "name_rule": cfg.name_rule}
-    journal = journal_lib.Journal(
-        os.path.join(self.out_dir, journal_lib.JOURNAL_NAME), header)
+    journal, missing = output_dir.open_journal(self.out_dir, header,
+                                               line_range)
     done = output_dir.done_mask(journal, reader.num_lines,
                                 retry_failed=cfg.retry_failed)
     check_disk = bool(journal.records) or any(os.scandir(self._images))
@@ -375,9 +375,10 @@ class Downloader:
           **{k: int(v) for k, v in sorted(self.run_stats.items())},
           "retry_reasons": dict(sorted(self.retry_reasons.items())),
           "interrupted": self._stop,
+          "missing_on_disk": missing,
       }
       # Children appended too.
-      journal = journal_lib.Journal(journal.path, header)
+      journal, _ = output_dir.open_journal(self.out_dir, header, line_range)
       journal.close()
       stats = output_dir.write_outputs(self.out_dir, reader, journal,
                                        line_range, "url", {"last_run": run})

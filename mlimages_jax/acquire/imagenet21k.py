@@ -235,7 +235,9 @@ def extract(id_list: str, imagenet: str, out_dir: str, *,
   """
   id_list, imagenet, out_dir = map(os.fspath, (id_list, imagenet, out_dir))
   layout = detect_layout(imagenet)
-  with output_dir.claim_out_dir(out_dir) as (images, partial):
+  with output_dir.claim_out_dir(out_dir, {"ID_LIST": id_list,
+                                         "--imagenet": imagenet}
+                                ) as (images, partial):
     return _extract(id_list, imagenet, out_dir, layout, images, partial,
                     skip_invalid=skip_invalid, num_classes=num_classes,
                     threads=threads, progress=progress)
@@ -250,10 +252,9 @@ def _extract(id_list: str, imagenet: str, out_dir: str, layout: str,
                                  num_classes=num_classes)
   names = naming.build_name_table(reader, naming.name_from_file_name)
   line_range = (1, reader.num_lines)
-  journal = journal_lib.Journal(
-      os.path.join(out_dir, journal_lib.JOURNAL_NAME),
-      {"list_sha256": output_dir.list_fingerprint(id_list),
-       "name_rule": "file", "tool": "imagenet21k"})
+  journal, missing_on_disk = output_dir.open_journal(
+      out_dir, {"list_sha256": output_dir.list_fingerprint(id_list),
+                "name_rule": "file", "tool": "imagenet21k"}, line_range)
   start = time.monotonic()
   bar = None
   adopted = collections.Counter()
@@ -286,7 +287,8 @@ def _extract(id_list: str, imagenet: str, out_dir: str, layout: str,
   finished = sum(extractor.counts.values())
   run = {"layout": layout, "elapsed_s": round(elapsed, 3),
          "items_per_s": round(finished / elapsed, 2) if elapsed else 0.0,
-         **dict(extractor.counts), **dict(adopted)}
+         "missing_on_disk": missing_on_disk, **dict(extractor.counts),
+         **dict(adopted)}
   missing = sum(1 for r in journal.records.values()
                 if not r.ok and r.reason == "missing")
   stats = output_dir.write_outputs(out_dir, reader, journal, line_range,

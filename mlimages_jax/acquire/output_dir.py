@@ -4,6 +4,12 @@ A run holds the folder (``images/``, ``.partial/``, ``.lock``) alone. What is
 left is known from the journal, and from disk on a resume. Output lists are
 regenerated from the journal in input order, so the result is deterministic
 whatever the completion order was.
+
+The journal is checked against the disk when it is opened: an image deleted
+since it was journaled is fetched again and never listed while missing. What
+a later tool changed in ``im_list.txt`` (``dedup --drop --in-place``) is
+recorded next to it (`record_edits`) and applied each time the list is
+regenerated, so a rerun does not undo it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -25,6 +31,71 @@ from mlimages_jax.acquire import naming
 from mlimages_jax.acquire import validation
 
 PARTIAL_DIR = ".partial"
+
+
+IM_LIST = "im_list.txt"
+_DROP, _LINE = "drop", "line"
+
+
+def edits_path(list_path: str) -> str:
+  """Where the later edits of a list are kept: ``.<list name>.edits``."""
+  head, name = os.path.split(os.fspath(list_path))
+  return os.path.join(head, f".{name}.edits")
+
+
+def read_edits(list_path: str) -> dict[str, str | None]:
+  """name -> its replacement line, or None for a dropped image; the last
+  edit of a name wins."""
+  edits: dict[str, str | None] = {}
+  with contextlib.suppress(FileNotFoundError):
+    with open(edits_path(list_path), encoding="utf-8") as f:
+      for line in f:
+        action, _, text = line.rstrip("\n").partition("\t")
+        if action == _DROP:
+          edits[text] = None
+        elif action == _LINE:
+          edits[text.split("\t", 1)[0]] = text
+  return edits
+
+
+def record_edits(list_path: str, dropped: Iterable[str],
+                 replaced: Iterable[str]) -> None:
+  """Adds edits of `list_path` (names dropped, whole lines replaced) to the
+  ones recorded before, atomically."""
+  path = edits_path(list_path)
+  old = ""
+  with contextlib.suppress(FileNotFoundError):
+    with open(path, encoding="utf-8") as f:
+      old = f.read()
+  with atomic_text(path) as f:
+    f.write(old)
+    f.writelines(f"{_DROP}\t{name}\n" for name in dropped)
+    f.writelines(f"{_LINE}\t{line}\n" for line in replaced)
+
+
+def open_journal(out_dir: str, header: dict, line_range: tuple[int, int]
+                 ) -> tuple[journal_lib.Journal, int]:
+  """The folder's journal, replayed and checked against ``images/``.
+
+  An image journaled as done but no longer on disk (deleted since) is
+  forgotten, so it is fetched again and not listed meanwhile; one that a
+  later ``dedup`` dropped from the list is not fetched back. Returns the
+  journal and how many were forgotten; costs one stat per finished image of
+  the shard.
+  """
+  journal = journal_lib.Journal(
+      os.path.join(out_dir, journal_lib.JOURNAL_NAME), header)
+  images = os.path.join(out_dir, "images")
+  dropped = {name for name, line in
+             read_edits(os.path.join(out_dir, IM_LIST)).items()
+             if line is None}
+  first, last = line_range
+  gone = [lineno for lineno, r in journal.records.items()
+          if r.ok and first <= lineno <= last and r.name not in dropped
+          and not os.path.exists(os.path.join(images, r.name))]
+  for lineno in gone:
+    del journal.records[lineno]
+  return journal, len(gone)
 
 
 def done_mask(journal: journal_lib.Journal, num_lines: int, *,
@@ -92,9 +163,10 @@ def write_outputs(out_dir: str, reader: image_list.ListReader,
   memory. Returns the stats.
   """
   records = journal.records
+  edits = read_edits(os.path.join(out_dir, IM_LIST))
   first, last = line_range
-  items = pending = 0
-  with atomic_text(os.path.join(out_dir, "im_list.txt")) as ok_file, \
+  items = pending = dropped = 0
+  with atomic_text(os.path.join(out_dir, IM_LIST)) as ok_file, \
       atomic_text(os.path.join(out_dir, "failed.tsv")) as failed_file:
     failed_file.write(f"{key_column}\treason\tattempts\tdetail\n")
     for item in reader:
@@ -104,6 +176,10 @@ def write_outputs(out_dir: str, reader: image_list.ListReader,
       record = records.get(item.lineno)
       if record is None:
         pending += 1
+      elif record.ok and record.name in edits:
+        line = edits[record.name]
+        dropped += line is None
+        ok_file.write("" if line is None else line + "\n")
       elif record.ok:
         ok_file.write(f"{record.name}\t{item.annotations}\n"
                       if item.annotations else f"{record.name}\n")
@@ -120,6 +196,7 @@ def write_outputs(out_dir: str, reader: image_list.ListReader,
       "failed": sum(reasons.values()),
       "failed_by_reason": dict(sorted(reasons.items())),
       "pending": pending,
+      "dropped_as_duplicates": dropped,
       "invalid_lines": reader.invalid,
       "bytes": sum(r.stored_bytes for r in oks),
       "original_bytes": sum(r.original_bytes for r in oks),
@@ -144,17 +221,28 @@ def list_fingerprint(path: str) -> str:
   return h.hexdigest()
 
 
+# What a run writes into its folder (the user's other files there are left).
+WRITTEN = ("images", PARTIAL_DIR, ".lock", journal_lib.JOURNAL_NAME, IM_LIST,
+           "failed.tsv", "stats.json", "missing.txt")
+
+
 @contextlib.contextmanager
-def claim_out_dir(out_dir: str) -> Iterator[tuple[str, str]]:
+def claim_out_dir(out_dir: str, inputs: Mapping[str, str]
+                  ) -> Iterator[tuple[str, str]]:
   """Prepares an output folder and holds it for one run; yields the paths.
 
-  Creates ``images/`` and an empty ``.partial/`` (clear error if the folder
-  is not writable), and holds an exclusive lock on ``<out>/.lock`` so that a
-  second run into the same folder stops at once instead of racing this one.
-  The kernel drops the lock when the process dies, even by SIGKILL.
+  Refuses a folder where what the run writes would be, hold or sit inside
+  one of `inputs` (``fileio.OverlapError``: e.g. the URL list saved as
+  ``<out>/im_list.txt``). Creates ``images/`` and an empty ``.partial/``
+  (clear error if the folder is not writable), and holds an exclusive lock
+  on ``<out>/.lock`` so that a second run into the same folder stops at once
+  instead of racing this one. The kernel drops the lock when the process
+  dies, even by SIGKILL.
   """
   import fcntl  # pylint: disable=g-import-not-at-top
 
+  fileio.check_disjoint(inputs, {f"--out {name}": os.path.join(out_dir, name)
+                                 for name in WRITTEN})
   images = os.path.join(out_dir, "images")
   partial = os.path.join(out_dir, PARTIAL_DIR)
   try:

@@ -257,10 +257,14 @@ def convert_checkpoint(prefix: str, out: str | os.PathLike, *,
 
   ``label_mode`` defaults to "single" for 1000 classes (the ImageNet
   fine-tuned softmax model) and "multi" otherwise. Everything is validated
-  before anything is written, and the write itself is atomic.
+  before anything is written (`out` may not overlap the inputs, and
+  ``overwrite`` replaces only an inference checkpoint), and the write itself
+  is atomic.
   """
   from mlimages_jax.checkpoints import store  # pylint: disable=g-import-not-at-top
 
+  fileio.check_disjoint({"TF_CKPT_PREFIX": f"{prefix}.index",
+                         "--dictionary": dictionary}, {"--out": out})
   if fileio.as_path(out).exists() and not overwrite:
     raise ConversionError(f"{out} exists (use --overwrite to replace it)")
   tf_vars = read_tf_checkpoint(prefix)

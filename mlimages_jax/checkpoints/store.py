@@ -514,6 +514,10 @@ def save_inference_checkpoint(path: str | os.PathLike,
         f"{sorted(variables)}")
   if path.exists() and not overwrite:
     raise CheckpointError(f"{path} exists (pass overwrite=True to replace it)")
+  if path.exists() and not (path / INFERENCE_METADATA_FILE).is_file():
+    raise CheckpointError(
+        f"{path} exists and is not an inference checkpoint (no "
+        f"{INFERENCE_METADATA_FILE} in it): refusing to replace it")
 
   def write(directory: epath.Path) -> None:
     ocp.PyTreeCheckpointer().save(
@@ -528,6 +532,7 @@ def save_inference_checkpoint(path: str | os.PathLike,
       path.rmtree()
     write(path)
     return path
-  with fileio.atomic_directory(path, overwrite=True) as tmp:
+  with fileio.atomic_directory(path, marker=INFERENCE_METADATA_FILE,
+                               overwrite=True) as tmp:
     write(epath.Path(tmp))
   return path

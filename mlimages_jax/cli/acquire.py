@@ -198,6 +198,8 @@ def _dedup(args: argparse.Namespace) -> int:
     print("error: --in-place needs --drop", file=sys.stderr)
     return 2
   try:
+    dedup.check_outputs(args.inputs, args.out, drop=args.drop,
+                        in_place=args.in_place)
     report = dedup.find_duplicates(
         args.inputs, near=args.near, hash_kind=args.hash,
         threshold=args.threshold, workers=args.workers,

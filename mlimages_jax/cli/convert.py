@@ -42,12 +42,14 @@ def register(subparsers) -> None:
                  help="sigmoid multi-label or softmax single-label (default: "
                  "single for 1000 classes, multi otherwise)")
   p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out")
+                 help="replace an existing --out that is an inference "
+                 "checkpoint (any other directory is refused)")
   p.set_defaults(func=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
   # pylint: disable=g-import-not-at-top
+  from mlimages_jax import fileio
   from mlimages_jax.checkpoints import store
   from mlimages_jax.checkpoints import convert_tf
   from mlimages_jax.data import hierarchy
@@ -59,7 +61,7 @@ def _convert(args: argparse.Namespace) -> int:
         image_size=args.image_size, label_mode=args.label_mode,
         overwrite=args.overwrite)
   except (convert_tf.ConversionError, store.CheckpointError,
-          hierarchy.HierarchyError, OSError) as e:
+          hierarchy.HierarchyError, fileio.OverlapError, OSError) as e:
     print(f"mlimages convert-tf-checkpoint: error: {args.tf_checkpoint}: {e}",
           file=sys.stderr)
     print("Nothing was written.", file=sys.stderr)

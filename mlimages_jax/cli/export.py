@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
       "+ config.json + classes.json. savedmodel: a TF SavedModel whose "
       "serving_default signature takes uint8 images [batch, height, width, "
       "3] and returns probabilities, features and logits, + classes.json. "
-      "The directory is written atomically; a checkpoint whose weights do "
-      "not fit its metadata is refused.",
+      "The directory is written atomically and may not overlap the "
+      "checkpoint; a checkpoint whose weights do not fit its metadata is "
+      "refused.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--checkpoint", required=True, metavar="DIR",
                  help="a training workdir, one of its steps, or an inference "
@@ -29,11 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--out", required=True, metavar="DIR",
                  help="output directory (must not exist unless --overwrite)")
   p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out")
+                 help="replace an existing --out that is an earlier export "
+                 "of this format (any other directory is refused)")
   p.set_defaults(func=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
+  from mlimages_jax import fileio
   from mlimages_jax.checkpoints import store
   if args.format == "pytorch":
     from mlimages_jax.export import pytorch as exporter
@@ -42,7 +45,7 @@ def _export(args: argparse.Namespace) -> int:
   try:
     path = exporter.export(args.checkpoint, args.out,
                            overwrite=args.overwrite)
-  except (store.CheckpointError, FileExistsError, OSError) as e:
+  except (store.CheckpointError, fileio.OverlapError, OSError) as e:
     print(f"mlimages export: error: {e}", file=sys.stderr)
     print("Nothing was written.", file=sys.stderr)
     return 1

@@ -61,6 +61,8 @@ def _fewshot(args: argparse.Namespace) -> int:
   from mlimages_jax.inference import predict
   from mlimages_jax.inputs import pipeline
   try:
+    fileio.check_disjoint({"--checkpoint": args.checkpoint},
+                          {"--out": args.out})
     model = predict.LoadedModel.load(args.checkpoint)
     evaluator = fewshot.FewshotEvaluator(
         fewshot.tasks_from_config(args.dataset), shots=args.shots,

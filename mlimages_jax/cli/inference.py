@@ -8,6 +8,7 @@ mlimages_jax.inference.predict and mlimages_jax.evaluation.evaluator
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -141,6 +142,27 @@ def _labelled_paths(args: argparse.Namespace, labelled: bool = False
   return paths, labels
 
 
+def _outputs_overlap(args: argparse.Namespace, paths: list[str],
+                     outputs: dict[str, object]) -> bool:
+  """Prints why if an output is, holds or sits inside an input.
+
+  Of the images, only those named like an output are compared (a --list
+  may hold millions).
+  """
+  from mlimages_jax import fileio
+  names = {os.path.basename(os.fspath(p)) for p in outputs.values()
+           if p is not None}
+  images = {f"IMAGE #{i}": p for i, p in enumerate(paths, 1)
+            if os.path.basename(p) in names}
+  try:
+    fileio.check_disjoint({"--checkpoint": args.checkpoint,
+                           "--list": args.image_list, **images}, outputs)
+  except fileio.OverlapError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return True
+  return False
+
+
 def _load(checkpoint: str):
   from mlimages_jax.checkpoints import store
   from mlimages_jax.inference import predict
@@ -170,6 +192,8 @@ def _classify(args: argparse.Namespace) -> int:
   if listed is None:
     return 2
   paths, _ = listed
+  if _outputs_overlap(args, paths, {"--out": args.out}):
+    return 1
   model = _load(args.checkpoint)
   if model is None:
     return 1
@@ -199,6 +223,12 @@ def _features(args: argparse.Namespace) -> int:
   if listed is None:
     return 2
   paths, labels = listed
+  outputs = {"--out": args.out, "--out (partial results)":
+             f"{args.out}{predict.PARTIAL_SUFFIX}"}
+  if args.format == "npy":
+    outputs["--out (list of images)"] = predict.features_list_path(args.out)
+  if _outputs_overlap(args, paths, outputs):
+    return 1
   model = _load(args.checkpoint)
   if model is None:
     return 1
@@ -222,6 +252,7 @@ def _features(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
   import json
 
+  from mlimages_jax import fileio
   from mlimages_jax.checkpoints import store
   from mlimages_jax.evaluation import evaluator
   from mlimages_jax.inputs import pipeline
@@ -233,7 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         top_k=tuple(args.top_k), num_examples=args.num_examples,
         progress=not args.no_progress)
   except (store.CheckpointError, pipeline.DatasetNotBuiltError,
-          evaluator.EvaluationError) as e:
+          evaluator.EvaluationError, fileio.OverlapError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(evaluator.summary(results), indent=1))

@@ -19,8 +19,10 @@ from mlimages_jax.data import cooccurrence
 from mlimages_jax.data import openimages
 from mlimages_jax.data.augment import augment_file
 
-# LabelError and HierarchyError are ValueErrors.
+# LabelError, HierarchyError and OverlapError are ValueErrors.
 _BAD_INPUT = (OSError, ValueError)
+_STATS_FILES = ("stats.json", "num_images_per_class.png",
+                "hist_num_annotations.png")
 
 
 def register(subparsers) -> None:
@@ -121,6 +123,15 @@ def _progress(total: int, desc: str, unit: str = "B") -> Iterator:
     yield update
 
 
+def _check_disjoint(rewritable: dict[str, str | None],
+                    inputs: dict[str, str | None],
+                    outputs: dict[str, str]) -> None:
+  """No output over an input; the `rewritable` one may be replaced in place
+  (atomically, once read: ``labels augment LIST LIST``)."""
+  fileio.check_disjoint(rewritable, outputs, in_place=True)
+  fileio.check_disjoint(inputs, outputs)
+
+
 def _report_invalid(count: int, examples: list[str]) -> None:
   if count:
     print(f"skipped {count} invalid line(s); first: ", file=sys.stderr)
@@ -131,6 +142,9 @@ def _report_invalid(count: int, examples: list[str]) -> None:
 def _augment(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   try:
+    _check_disjoint({"INPUT": args.input}, {
+        "--dictionary": args.dictionary, "--cache": args.cache,
+        "--cooccurrence": args.cooccurrence}, {"OUTPUT": args.output})
     tree = load_dictionary(args)
     pairs = (None if args.cooccurrence is None else
              cooccurrence.load_cooccurrence_pairs(args.cooccurrence,
@@ -156,6 +170,9 @@ def _augment(args: argparse.Namespace) -> int:
 
 def _remap(args: argparse.Namespace) -> int:
   try:
+    _check_disjoint({"INPUT": args.input}, {
+        "--mapping": args.mapping, "--dictionary": args.dictionary,
+        "--cache": args.cache}, {"OUTPUT": args.output})
     tree = load_dictionary(args)
     mapping = openimages.load_openimages_mapping(args.mapping,
                                                  tree.num_classes)
@@ -181,6 +198,10 @@ def _remap(args: argparse.Namespace) -> int:
 def _cooccurrence(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   try:
+    _check_disjoint({}, {
+        "--scores": args.scores, "--images": args.images,
+        "--columns": args.columns, "--dictionary": args.dictionary,
+        "--cache": args.cache}, {"--out": args.out})
     tree = load_dictionary(args)
     scores = np.load(args.scores, mmap_mode="r")
     if scores.ndim != 2:
@@ -231,6 +252,11 @@ def _stats(args: argparse.Namespace) -> int:
   # pylint: disable-next=g-import-not-at-top
   from mlimages_jax.data import stats as stats_lib
   try:
+    _check_disjoint({}, {
+        **{f"LIST #{i}": p for i, p in enumerate(args.lists, 1)},
+        "--dictionary": args.dictionary, "--cache": args.cache},
+        {f"--out ({name})": os.path.join(args.out, name)
+         for name in _STATS_FILES})
     tree = load_dictionary(args)
     total = sum(os.path.getsize(p) for p in args.lists)
     with _progress(total, "stats") as progress:

@@ -208,7 +208,15 @@ def _json_safe(value: Any) -> Any:
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str],
                         **kwargs: Any) -> dict[str, Any]:
   """Evaluates the checkpoint at `checkpoint` (any kind `LoadedModel` reads,
-  local or ``gs://``); the arguments are those of `evaluate_model`."""
+  local or ``gs://``); the arguments are those of `evaluate_model`.
+
+  What it writes (eval_results.json, the progress) may not overlap the
+  checkpoint (OverlapError).
+  """
+  workdir = fileio.as_path(kwargs["workdir"])
+  fileio.check_disjoint({"--checkpoint": checkpoint}, {
+      "--workdir": workdir / RESULTS_FILE,
+      "--workdir (progress)": _progress_root(workdir)})
   return evaluate_model(predict.LoadedModel.load(checkpoint), **kwargs)
 
 

@@ -4,7 +4,9 @@ An export is only as trustworthy as the weights it copies: the checkpoint's
 variables are checked against the network its metadata describes (depth,
 width, classes) before anything is written, so a mismatched checkpoint is
 refused with the list of differences. The export directory appears whole
-or not at all (written in a temporary directory next to it, then renamed).
+or not at all (written in a temporary directory next to it, then renamed);
+it may not overlap the checkpoint, and ``--overwrite`` replaces only an
+earlier export of the same format.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.inference import predict
 from mlimages_jax.models import resnet
@@ -22,13 +25,16 @@ from mlimages_jax.models import resnet
 CLASSES_FILE = "classes.json"
 
 
-def load_checked(checkpoint: str | os.PathLike[str]
+def load_checked(checkpoint: str | os.PathLike[str],
+                 out: str | os.PathLike[str]
                  ) -> tuple[dict[str, Any], dict[str, Any], resnet.ResNet]:
   """(variables, metadata, network) of a checkpoint whose weights fit it.
 
-  Raises CheckpointError naming the checkpoint and every missing, unexpected
-  or misshaped array.
+  Raises OverlapError if the export directory `out` would be, hold or sit
+  inside the checkpoint, and CheckpointError naming the checkpoint and every
+  missing, unexpected or misshaped array.
   """
+  fileio.check_disjoint({"--checkpoint": checkpoint}, {"--out": out})
   source = os.path.abspath(checkpoint)
   variables, metadata = store.load_for_inference(checkpoint)
   spec = metadata["model"]

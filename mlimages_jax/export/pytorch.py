@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from mlimages_jax import fileio
 from mlimages_jax.export import bundle
@@ -74,15 +74,17 @@ def torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
            *, overwrite: bool = False) -> pathlib.Path:
   """Writes the PyTorch export of `checkpoint` to `out` (atomically)."""
-  variables, metadata, model = bundle.load_checked(checkpoint)
+  variables, metadata, model = bundle.load_checked(checkpoint, out)
   config = {**bundle.describe(metadata, os.fspath(checkpoint), FORMAT),
             "architecture": bundle.architecture(model),
             "input": "float32 NCHW, uint8 pixels x 2/255 - 1 "
                      "(mlimages_resnet.normalize)",
             "outputs": ["logits", "features"]}
-  with fileio.atomic_directory(out, overwrite=overwrite) as tmp:
-    save_file(torch_state_dict(variables), tmp / WEIGHTS_FILE,
-              metadata={"format": FORMAT})
+  with fileio.atomic_directory(out, marker=MODULE_FILE,
+                               overwrite=overwrite) as tmp:
+    # safetensors' save_file creates a private 0600 file: write its bytes.
+    (tmp / WEIGHTS_FILE).write_bytes(
+        save(torch_state_dict(variables), metadata={"format": FORMAT}))
     shutil.copyfile(TORCH_MODULE, tmp / MODULE_FILE)
     with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
       json.dump(config, f, indent=1)

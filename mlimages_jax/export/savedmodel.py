@@ -57,7 +57,7 @@ def serving_function(model: resnet.ResNet, label_mode: str):
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
            *, overwrite: bool = False) -> pathlib.Path:
   """Writes the SavedModel of `checkpoint` to `out` (atomically)."""
-  variables, metadata, model = bundle.load_checked(checkpoint)
+  variables, metadata, model = bundle.load_checked(checkpoint, out)
   converted = jax2tf.convert(
       serving_function(model, metadata["label_mode"]),
       polymorphic_shapes=[None, "(b, h, w, 3)"], with_gradient=False)
@@ -71,7 +71,8 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     return converted(module.variables_, images)
 
   module.serve = serve
-  with fileio.atomic_directory(out, overwrite=overwrite) as tmp:
+  with fileio.atomic_directory(out, marker=EXPORT_FILE,
+                               overwrite=overwrite) as tmp:
     tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serve})
     with open(tmp / EXPORT_FILE, "w", encoding="utf-8") as f:
       json.dump({**bundle.describe(metadata, os.fspath(checkpoint), FORMAT),

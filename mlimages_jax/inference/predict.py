@@ -491,6 +491,9 @@ def write_feature_lines(path: str | os.PathLike[str], features: np.ndarray,
       f.write(f"{image}\t{label}\t{' '.join(str(x) for x in row)}\n")
 
 
+PARTIAL_SUFFIX = ".partial"  # FILE.partial/: the chunks of a features run.
+
+
 def features_list_path(path: str | os.PathLike[str]) -> epath.Path:
   """Where the list of images of a features file goes: FILE.npy -> FILE.txt."""
   return fileio.as_path(path).with_suffix(".txt")
@@ -536,7 +539,7 @@ def extract_features_to_file(model: LoadedModel, paths: Sequence[str],
   if len(labels) != len(paths):
     raise ValueError(f"{len(labels)} labels for {len(paths)} images")
   out = fileio.as_path(out)
-  work = out.with_name(out.name + ".partial")
+  work = out.with_name(out.name + PARTIAL_SUFFIX)
   fingerprint = {
       "preprocess": "original",
       "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
