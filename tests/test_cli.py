@@ -209,3 +209,38 @@ def test_real_files_through_a_subprocess(shared_dir, real_hierarchy_path,
   assert stats["num_categories"] == 11166 and stats["num_roots"] == 4
   assert stats["roots"] == ["thing", "matter", "object, physical object",
                             "atmospheric phenomenon"]
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "x.jpg"], ["features", "x.jpg", "--out", "{tmp}/f.npy"],
+    ["evaluate", "--dataset", "synth_shapes", "--workdir", "{tmp}/eval"],
+    ["fewshot", "--dataset", "synth_shapes"],
+    ["export", "--format", "pytorch", "--out", "{tmp}/export"],
+])
+def test_a_checkpoint_that_is_a_file_is_one_line(capsys, tmp_path, command):
+  """Each command that loads --checkpoint: exit 1, one line naming it."""
+  a_file = tmp_path / "model.ckpt"
+  a_file.write_text("")
+  code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in command],
+                       "--checkpoint", a_file)
+  assert code == 1 and out == ""
+  assert (f"error: {a_file} is a file, not a checkpoint folder: give a "
+          "training workdir, one of its step folders or an inference "
+          "checkpoint folder") in err
+  assert "Traceback" not in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "x.jpg", "--checkpoint", "ckpt"],
+    ["features", "x.jpg", "--checkpoint", "ckpt"],
+    ["fewshot", "--checkpoint", "ckpt", "--dataset", "synth_shapes"],
+    ["labels", "cooccurrence"],
+    ["dedup", "images"],
+])
+def test_an_out_file_that_is_a_folder_is_refused_at_once(capsys, tmp_path,
+                                                         command):
+  with pytest.raises(SystemExit, match="2"):
+    main([*command, "--out", str(tmp_path)])
+  assert (f"error: argument --out: {tmp_path} is a folder; give a file path"
+          in capsys.readouterr().err)

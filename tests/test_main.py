@@ -58,6 +58,24 @@ def _lines(workdir: pathlib.Path) -> list[dict]:
           (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("override, error", [
+    ("--config.model.dept=50", "error: unknown field config.model.dept (did "
+     "you mean config.model.depth?)"),
+    ("--workdir={tmp_path}/run.txt", "error: workdir {tmp_path}/run.txt is a "
+     "file, not a folder"),
+])
+def test_user_errors_are_one_line(tmp_path, env, override, error):
+  """A typo in an override (ml_collections raises it while the flags are
+  parsed) and a workdir that is a file: the line, no traceback, exit 1."""
+  (tmp_path / "run.txt").write_text("")
+  override, error = (text.format(tmp_path=tmp_path)
+                     for text in (override, error))
+  result = _run(_command(tmp_path / "work", tmp_path, override), env)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert error in result.stderr.splitlines()
+  assert "Traceback" not in result.stderr
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, data_dir, env) -> pathlib.Path:
   """The smoke config through main.py; it also builds ml_images/synthetic."""
