@@ -40,7 +40,9 @@ def test_bad_types_loss_and_batch_are_rejected():
   with pytest.raises(config_validation.ConfigError) as e:
     config_validation.validate_config(config)
   assert "config.batch_size=12 is not divisible by the 8 devices" in str(e.value)
-  assert "needs label_mode 'single'" in str(e.value)
+  assert ("config.loss.name 'softmax' needs label_mode 'single', config has "
+          "'multi': set --config.loss.name=adaptive_sigmoid (or sigmoid)"
+          ) in str(e.value)
 
 
 def test_accumulation_and_positivity_groups_must_divide_the_batch():

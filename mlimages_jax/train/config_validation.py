@@ -76,9 +76,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   elif LOSSES[config.loss.name] != config.label_mode:
     fits = [name for name, mode in LOSSES.items()
             if mode == config.label_mode]
+    others = f" (or {', '.join(fits[1:])})" if len(fits) > 1 else ""
     problems.append(f"config.loss.name {config.loss.name!r} needs "
                     f"label_mode {LOSSES[config.loss.name]!r}, config has "
-                    f"{config.label_mode!r} (its losses: {', '.join(fits)})")
+                    f"{config.label_mode!r}: set --config.loss.name="
+                    f"{fits[0]}{others}")
   if config.dtype not in DTYPES:
     problems.append(f"config.dtype {config.dtype!r} is not one of "
                     f"{sorted(DTYPES)}")

@@ -5,8 +5,9 @@ fine-tuning) on every device of every process, evaluates, writes logs and
 Orbax checkpoints, and resumes exactly from the workdir. It reads top-down
 like flax ``examples/imagenet``: validate, build the input, the state and the
 compiled steps, then loop. Everything a run needs is validated before the
-first compilation (config, batch divisibility, dataset presence, checkpoint
-compatibility), so mistakes cost seconds, not a compile.
+first compilation (config, batch divisibility, workdir, the dataset's
+presence, features and splits, checkpoint compatibility), so mistakes cost
+seconds, not a compile.
 
 The host runs ahead of the devices and waits for them only where it must:
 a logging interval's metrics are fetched (and NaN checked) once the next
