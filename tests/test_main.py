@@ -263,9 +263,10 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   evaluations = [l["step"] for l in _lines(workdir) if "mAP" in l]
   assert evaluations == [2]  # The interrupted evaluation completed.
 
-  # Step 4's checkpoint is handed to Orbax after step 5 is dispatched, just
-  # before step 5's boundary: the signal lands during that save or just
-  # after, and the run stops at the boundary after it (5 or 6).
+  # Step 4 is an evaluation step: its checkpoint is handed to Orbax after
+  # step 4's boundary, before the evaluation; the signal lands during that
+  # save, the evaluation or just after, and the run stops at the boundary
+  # after it (5 or 6).
   code, log, seconds = _signal_when(command, env, "step 4: saving",
                                     signal.SIGINT)
   assert code == 75, log[-3000:]
