@@ -38,12 +38,32 @@ def _quiet_orbax(record) -> bool:
           or "/orbax/" not in record.pathname)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a --config.FIELD the config lacks is one line with a
+  "did you mean" (ml_collections raises it as a long traceback)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError):
+    from mlimages_jax.train import config as config_lib
+    for arg in argv[1:]:
+      name = arg.split("=")[0].lstrip("-")
+      for prefix in ("config.", "noconfig."):
+        problem = (name.startswith(prefix) and
+                   config_lib.override_problem(name[len(prefix):]))
+        if problem:
+          print(f"error: {problem}", file=sys.stderr)
+          sys.exit(1)
+    raise
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Imported here so that --help and flag errors return at once.
+  from mlimages_jax import fileio
   from mlimages_jax.checkpoints import store
+  from mlimages_jax.evaluation import evaluator
   from mlimages_jax.inputs import pipeline
   from mlimages_jax.train import config_validation
   from mlimages_jax.train import distributed
@@ -55,7 +75,8 @@ def main(argv: list[str]) -> int:
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_validation.ConfigError, store.CheckpointError,
-          pipeline.DatasetNotBuiltError, FloatingPointError) as e:
+          pipeline.DatasetNotBuiltError, evaluator.EvaluationError,
+          fileio.OutputPathError, FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -67,4 +88,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -28,7 +28,8 @@ its README says otherwise:
   statistics keep updating, as the original's (UPDATE_OPS run for every BN
   layer). ``--config.frozen_blocks_batch_stats=keep`` keeps them as loaded
   (frozen blocks bit-identical to the checkpoint); ``--config.freeze_blocks=0``
-  trains everything.
+  trains everything. Without ``init_checkpoint`` the recipe is refused (its
+  frozen blocks would stay random) unless ``freeze_blocks`` is 0.
 - Schedule: ``--lr=0.1 --lr_decay_step=150000 --lr_decay_factor=0.1`` through
   ``tf.train.exponential_decay(staircase=True)``: the decayed rate applies
   from the boundary step itself (``schedule.rate_at_boundary="decayed"``;

@@ -212,6 +212,30 @@ def _object_writer(path: epath.Path, mode: str,
   path.write_bytes(buffer.getvalue())
 
 
+class OutputPathError(OSError):
+  """An output folder a user gave cannot be written (a file, no permission)."""
+
+
+def writable_directory(path: PathLike, what: str) -> epath.Path:
+  """Creates the folder `path` if missing and checks that files can be
+  created in it, so that a bad one stops a job in one line before any work
+  rather than at its first save. A remote folder is only created (probing
+  an object store costs a write). `what` names it in the error, e.g.
+  "--workdir"."""
+  path = as_path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_remote(path):
+      fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+      os.close(fd)
+      os.unlink(probe)
+  except OSError as e:
+    reason = ("is a file, not a folder" if path.is_file() else
+              f"cannot be written ({e.strerror or e})")
+    raise OutputPathError(f"{what} {path} {reason}") from None
+  return path
+
+
 def append_text(path: PathLike, text: str) -> None:
   """Appends `text` to a log file (created if missing).
 

@@ -253,3 +253,38 @@ def test_labels_augment_in_place_keeps_the_files_mode(capsys, dictionary,
   assert code == 0
   assert inp.read_text() == "a.jpg\t0:1\t1:1\t2:1\t5:1\n"
   assert stat.S_IMODE(inp.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "x.jpg"], ["features", "x.jpg", "--out", "{tmp}/f.npy"],
+    ["evaluate", "--dataset", "synth_shapes", "--workdir", "{tmp}/eval"],
+    ["fewshot", "--dataset", "synth_shapes"],
+    ["export", "--format", "pytorch", "--out", "{tmp}/export"],
+])
+def test_a_checkpoint_that_is_a_file_is_one_line(capsys, tmp_path, command):
+  """Each command that loads --checkpoint: exit 1, one line naming it."""
+  a_file = tmp_path / "model.ckpt"
+  a_file.write_text("")
+  code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in command],
+                       "--checkpoint", a_file)
+  assert code == 1 and out == ""
+  assert (f"error: {a_file} is a file, not a checkpoint folder: give a "
+          "training workdir, one of its step folders or an inference "
+          "checkpoint folder") in err
+  assert "Traceback" not in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "x.jpg", "--checkpoint", "ckpt"],
+    ["features", "x.jpg", "--checkpoint", "ckpt"],
+    ["fewshot", "--checkpoint", "ckpt", "--dataset", "synth_shapes"],
+    ["labels", "cooccurrence"],
+    ["dedup", "images"],
+])
+def test_an_out_file_that_is_a_folder_is_refused_at_once(capsys, tmp_path,
+                                                         command):
+  with pytest.raises(SystemExit, match="2"):
+    main([*command, "--out", str(tmp_path)])
+  assert (f"error: argument --out: {tmp_path} is a folder; give a file path"
+          in capsys.readouterr().err)

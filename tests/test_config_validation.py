@@ -12,6 +12,8 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+import fewshot_helpers
+from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import config as config_lib
 from mlimages_jax.train import config_validation
 
@@ -38,7 +40,9 @@ def test_bad_types_loss_and_batch_are_rejected():
   with pytest.raises(config_validation.ConfigError) as e:
     config_validation.validate_config(config)
   assert "config.batch_size=12 is not divisible by the 8 devices" in str(e.value)
-  assert "needs label_mode 'single'" in str(e.value)
+  assert ("config.loss.name 'softmax' needs label_mode 'single', config has "
+          "'multi': set --config.loss.name=adaptive_sigmoid (or sigmoid)"
+          ) in str(e.value)
 
 
 def test_accumulation_and_positivity_groups_must_divide_the_batch():
@@ -151,3 +155,79 @@ def test_preprocess_fields_are_overridable_typed_and_validated():
   assert ("unknown field config.preprocess.colour_fracton (did you mean "
           "config.preprocess.colour_fraction?)") in str(e.value)
   assert "config.preprocess.hue_delta must be a number" in str(e.value)
+
+
+def test_frozen_blocks_need_a_checkpoint_to_load():
+  """The §8 recipe without init_checkpoint would freeze random layers."""
+  config = finetune_imagenet.get_config()
+  assert config.freeze_blocks == 2 and not config.init_checkpoint
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("config.freeze_blocks=2 without config.init_checkpoint would "
+          "freeze the stem and stages at their random initialisation: set "
+          "--config.init_checkpoint=<pre-training workdir or checkpoint>, or "
+          "--config.freeze_blocks=0 to train everything from scratch"
+          ) in str(e.value)
+  config.freeze_blocks = 0  # Said explicitly: from scratch.
+  config_validation.validate_config(config)
+  config.freeze_blocks, config.init_checkpoint = 2, "/runs/pretrain"
+  config_validation.validate_config(config)
+
+
+def test_override_problem_names_the_field_and_a_suggestion():
+  assert config_lib.override_problem("model.depth") is None
+  assert config_lib.override_problem("model.dept") == (
+      "unknown field config.model.dept (did you mean config.model.depth?)")
+  assert config_lib.override_problem("modl.depth") == (
+      "unknown field config.modl (did you mean config.model?)")
+  assert config_lib.override_problem("dataset.name") == (
+      "unknown field config.dataset.name")
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> str:
+  """synth_shapes: a single `label`, splits train and test."""
+  return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
+
+
+def test_another_dataset_gets_every_fix_in_one_error(shapes_dir):
+  """configs/pretrain.py pointed at a single-label dataset: the label mode,
+  the loss and the missing split are named together, each with its flag;
+  applying them passes."""
+  config = pretrain.get_config("smoke")
+  config.dataset, config.data_dir = "synth_shapes", shapes_dir
+  config_validation.validate_config(config)  # Consistent in itself.
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_dataset(config)
+  assert str(e.value).splitlines() == [
+      "invalid config for its dataset:",
+      "  synth_shapes/1.0.0 has a single `label` per image, not the "
+      "multi-label `labels`/`confidences` of config.label_mode='multi': set "
+      "--config.label_mode=single --config.loss.name=softmax",
+      "  config.eval_split 'validation': synth_shapes/1.0.0 has no such split "
+      "(splits: test, train); set --config.eval_split=test"]
+  config.label_mode, config.loss.name = "single", "softmax"
+  config.eval_split = "test"
+  config_validation.validate_config(config)
+  info = config_validation.validate_dataset(config)
+  assert info.num_classes == 6 and info.split_sizes == {"train": 120,
+                                                        "test": 240}
+  config.train_split = "train[:50%]"  # TFDS split expressions are fine.
+  config_validation.validate_dataset(config)
+
+
+def test_fewshot_datasets_and_splits_are_checked(shapes_dir):
+  config = pretrain.get_config("smoke")
+  config.dataset, config.data_dir = "synth_shapes", shapes_dir
+  config.label_mode, config.loss.name = "single", "softmax"
+  config.eval_split = "test"
+  config.fewshot.every_steps = 3
+  config.fewshot.datasets = (("synth_shapes", "train", "validation"),)
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config\.fewshot\.datasets\[0\] 'validation': "
+                     r"synth_shapes/1\.0\.0 has no such split"):
+    config_validation.validate_dataset(config)
+  config.fewshot.datasets = (("cifar100", "train", "test"),)
+  with pytest.raises(pipeline.DatasetNotBuiltError,
+                     match="tfds build cifar100"):
+    config_validation.validate_dataset(config)

@@ -42,6 +42,7 @@ def _flat(tree) -> dict:
 
 def test_full_recipe_schedule_and_resizing_scale_with_batch():
   config = finetune_imagenet.get_config()
+  config.init_checkpoint = "/runs/r101"  # The recipe fine-tunes one.
   config_validation.validate_config(config)
   lr = schedule_lib.create_learning_rate_fn(config)
   steps = [0, 149_999, 150_000, 299_999, 300_000, 450_000, 599_999]

@@ -7,14 +7,44 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
 
+import fewshot_helpers
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
+from mlimages_jax.evaluation import evaluator as evaluation
 from mlimages_jax.inputs import pipeline
+from mlimages_jax.train import config_validation
+from mlimages_jax.train import evaluator as train_evaluator
 from mlimages_jax.train import loop
+from mlimages_jax.train import steps
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> str:
+  """synth_shapes: single-label `label`, splits train and test (no
+  validation), like most public classification datasets."""
+  return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
+
+
+def _shapes_config(data_dir: str):
+  """The smoke recipe pointed at synth_shapes the way the errors say."""
+  config = pretrain.get_config("smoke")
+  config.dataset, config.data_dir = "synth_shapes", data_dir
+  config.build_dataset_if_missing = False
+  config.label_mode, config.loss.name = "single", "softmax"
+  config.eval_split = "test"
+  return config
+
+
+def _fail_if_called(*args, **kwargs):
+  raise AssertionError("the train step was built")
 
 
 def test_missing_dataset_fails_fast_with_build_command(tmp_path):
@@ -60,3 +90,78 @@ def test_checkpoints_record_the_datasets_label_closure(tmp_path):
   position = json.loads(position.read_bytes())
   assert position["file_format"] == "array_record"
   assert (position["epoch"], position["position"]) == (0, 32)
+
+
+def test_missing_eval_split_fails_before_building_anything(shapes_dir,
+                                                          tmp_path,
+                                                          monkeypatch):
+  """The split the run evaluates on is checked with the others, up front:
+  not at the first evaluation, after compiling and training."""
+  monkeypatch.setattr(steps, "pmap_train_step", _fail_if_called)
+  monkeypatch.setattr(loop, "create_train_state", _fail_if_called)
+  config = _shapes_config(shapes_dir)
+  config.eval_split = "validation"
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config\.eval_split 'validation': synth_shapes/"
+                     r"1\.0\.0 has no such split \(splits: test, train\); "
+                     r"set --config\.eval_split=test"):
+    loop.train_and_evaluate(config, tmp_path / "work")
+  assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+class _TinyModel(nn.Module):
+  """Stands in for the ResNet where only the loop's order is tested: its
+  state compiles in a moment (the smoke ResNet's init takes ~10 s)."""
+  num_classes: int
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    pooled = nn.BatchNorm(use_running_average=not train)(x.mean((1, 2)))
+    return nn.Dense(self.num_classes)(pooled), pooled
+
+
+def _instant_train_step(*args, **kwargs):
+  """A train step that compiles at once: the state unchanged, finite."""
+  def step(state, batch):
+    zero = jnp.zeros(())
+    return state, {"finite": jnp.ones(()), "loss": zero,
+                   "weight_decay_loss": zero, "total_loss": zero,
+                   "grad_norm": zero, "learning_rate": zero}
+  return jax.pmap(step)
+
+
+def test_failing_evaluation_keeps_the_steps_checkpoint(shapes_dir, tmp_path,
+                                                       monkeypatch):
+  """Step 1 is a checkpoint and an evaluation step; the evaluation fails.
+  The checkpoint was handed to Orbax before the evaluation, and is written
+  (the run waits for it) before the error reaches the caller."""
+  monkeypatch.setattr(steps, "pmap_train_step", _instant_train_step)
+  monkeypatch.setattr(loop, "create_model", lambda config, num_classes: _TinyModel(num_classes))
+
+  def failing_evaluation(self, state, image_size, step):
+    raise evaluation.EvaluationError(f"evaluation of step {step} failed")
+
+  monkeypatch.setattr(train_evaluator.Evaluator, "run", failing_evaluation)
+  config = _shapes_config(shapes_dir)
+  config.num_train_steps = 3
+  config.checkpoint_every_steps = config.eval_every_steps = 1
+  with pytest.raises(evaluation.EvaluationError,
+                     match="evaluation of step 1 failed"):
+    loop.train_and_evaluate(config, tmp_path / "work")
+  checkpoints = store.TrainCheckpointer(tmp_path / "work")
+  assert checkpoints.latest_step() == 1
+  assert checkpoints.metadata(1)["label_mode"] == "single"
+  checkpoints.close()
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_workdir_that_cannot_be_a_folder_fails_first(tmp_path, where):
+  a_file = tmp_path / "run"
+  a_file.write_text("")
+  workdir = a_file if where == "file" else a_file / "sub"
+  reason = ("is a file, not a folder" if where == "file"
+            else r"cannot be written \(Not a directory\)")
+  with pytest.raises(fileio.OutputPathError,
+                     match=f"workdir {workdir} {reason}"):
+    loop.train_and_evaluate(pretrain.get_config(), workdir)

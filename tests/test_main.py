@@ -58,6 +58,24 @@ def _lines(workdir: pathlib.Path) -> list[dict]:
           (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("override, error", [
+    ("--config.model.dept=50", "error: unknown field config.model.dept (did "
+     "you mean config.model.depth?)"),
+    ("--workdir={tmp_path}/run.txt", "error: workdir {tmp_path}/run.txt is a "
+     "file, not a folder"),
+])
+def test_user_errors_are_one_line(tmp_path, env, override, error):
+  """A typo in an override (ml_collections raises it while the flags are
+  parsed) and a workdir that is a file: the line, no traceback, exit 1."""
+  (tmp_path / "run.txt").write_text("")
+  override, error = (text.format(tmp_path=tmp_path)
+                     for text in (override, error))
+  result = _run(_command(tmp_path / "work", tmp_path, override), env)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert error in result.stderr.splitlines()
+  assert "Traceback" not in result.stderr
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, data_dir, env) -> pathlib.Path:
   """The smoke config through main.py; it also builds ml_images/synthetic."""
@@ -245,9 +263,10 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   evaluations = [l["step"] for l in _lines(workdir) if "mAP" in l]
   assert evaluations == [2]  # The interrupted evaluation completed.
 
-  # Step 4's checkpoint is handed to Orbax after step 5 is dispatched, just
-  # before step 5's boundary: the signal lands during that save or just
-  # after, and the run stops at the boundary after it (5 or 6).
+  # Step 4 is an evaluation step: its checkpoint is handed to Orbax after
+  # step 4's boundary, before the evaluation; the signal lands during that
+  # save, the evaluation or just after, and the run stops at the boundary
+  # after it (5 or 6).
   code, log, seconds = _signal_when(command, env, "step 4: saving",
                                     signal.SIGINT)
   assert code == 75, log[-3000:]

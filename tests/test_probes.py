@@ -31,6 +31,7 @@ def _config(data_dir: str):
   c = finetune_imagenet.get_config("smoke")  # 32 px, then 40 from step 4.
   c.dataset, c.data_dir = "synth_shapes", data_dir
   c.build_dataset_if_missing = False
+  c.freeze_blocks = 0  # From scratch: nothing to freeze.
   c.train_split, c.eval_split = "train", "test"
   c.num_train_steps, c.checkpoint_every_steps = 6, 6
   c.async_checkpoints = False

@@ -96,6 +96,7 @@ def test_recipes_reproduce_the_original_schedule_at_every_boundary(kind):
       "finetune": (finetune_imagenet, original_finetune_lr, FINETUNE_STEPS),
   }[kind]
   config = recipe.get_config()
+  config.init_checkpoint = "/runs/r101"  # The §8 recipe fine-tunes one.
   config_validation.validate_config(config)
   lr_fn = schedule_lib.create_learning_rate_fn(config)
   ours = np.float32([lr_fn(s) for s in steps])

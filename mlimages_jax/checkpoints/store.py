@@ -471,6 +471,10 @@ def load_for_inference(path: str | os.PathLike
   path = fileio.as_path(path)  # Absolute, as Orbax needs; or gs://...
   if not path.exists():
     raise CheckpointError(f"{path}: no such checkpoint")
+  if not path.is_dir():
+    raise CheckpointError(
+        f"{path} is a file, not a checkpoint folder: give a training workdir,"
+        " one of its step folders or an inference checkpoint folder")
   if (path / INFERENCE_METADATA_FILE).is_file():
     metadata_path = path / INFERENCE_METADATA_FILE
     try:

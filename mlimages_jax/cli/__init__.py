@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -26,6 +27,14 @@ _COMMAND_MODULES = (
     "mlimages_jax.cli.export",
     "mlimages_jax.cli.fewshot",
 )
+
+
+def output_file(text: str) -> str:
+  """argparse type of an --out FILE: a folder there is refused at once (one
+  line, before any work), not at the final write."""
+  if os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+  return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from mlimages_jax.cli import output_file
+
 
 def _add_list_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--skip-invalid", action="store_true",
@@ -115,7 +117,8 @@ def register(subparsers) -> None:
       "folders (DIR/im_list.txt + DIR/images/) or list files whose images "
       "are in <list folder>/images/.")
   p.add_argument("inputs", nargs="+", metavar="DIR_OR_LIST")
-  p.add_argument("--out", default="dups.tsv", help="groups report (TSV)")
+  p.add_argument("--out", default="dups.tsv", type=output_file,
+                 help="groups report (TSV)")
   p.add_argument("--near", action="store_true",
                  help="also group near-duplicates")
   p.add_argument("--hash", choices=("phash", "dhash"), default="phash",

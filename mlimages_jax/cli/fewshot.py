@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlimages_jax.cli import output_file
+
 
 def _dataset(text: str) -> tuple[str, str, str]:
   parts = text.split(",")
@@ -46,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                  help="train examples read per class (shots drawn from them)")
   p.add_argument("--num-test-examples", type=int, default=10_000,
                  help="-1: the whole test split")
-  p.add_argument("--out", metavar="FILE.json",
+  p.add_argument("--out", metavar="FILE.json", type=output_file,
                  help="also write the results as JSON (atomically)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=_fewshot)

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from mlimages_jax.cli import output_file
+
 
 def _positive_int(text: str) -> int:
   value = int(text)
@@ -60,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tsv: a TSV --out file; original: the original's"
                         " label_pred.txt blocks, printed and in --out "
                         "(default: %(default)s)")
-  classify.add_argument("--out", metavar="FILE",
+  classify.add_argument("--out", metavar="FILE", type=output_file,
                         help="also write the predictions to FILE (e.g. "
                         "label_pred.txt)")
   classify.set_defaults(func=_classify)
@@ -80,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="original: FILE gets 'PATH<TAB>LABEL<TAB>f1 f2 "
                         "...' lines, LABEL from the --list line 'PATH LABEL' "
                         "(default: %(default)s)")
-  features.add_argument("--out", required=True, metavar="FILE")
+  features.add_argument("--out", required=True, metavar="FILE",
+                        type=output_file)
   features.add_argument("--chunk-size", type=_positive_int, default=1024,
                         help="images per saved chunk: a killed run resumes "
                         "from FILE.npy.partial/ (default: %(default)s)")

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Iterator
 
+from mlimages_jax.cli import output_file
 from mlimages_jax.cli.hierarchy import add_dictionary_argument
 from mlimages_jax.cli.hierarchy import load_dictionary
 from mlimages_jax import fileio
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
   cooc.add_argument("--columns", required=True,
                     help="one ML-Images class index per score column")
   add_dictionary_argument(cooc)
-  cooc.add_argument("--out", required=True,
+  cooc.add_argument("--out", required=True, type=output_file,
                     help="output TSV (e.g. cooccurrence_pairs.tsv), atomic")
   defaults = cooccurrence.CooccurrenceRules()
   cooc.add_argument("--threshold", type=float, default=defaults.threshold,

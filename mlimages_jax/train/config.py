@@ -10,6 +10,9 @@ imports only ml_collections: loading a recipe stays instant.
 
 from __future__ import annotations
 
+import difflib
+from typing import Any, Mapping
+
 import ml_collections
 
 # Loss name -> the label mode it trains on.
@@ -118,3 +121,24 @@ def base_config() -> ml_collections.ConfigDict:
 def train_mode(config: ml_collections.ConfigDict) -> str:
   """The preprocessing mode of the training images."""
   return "pretrain" if config.label_mode == "multi" else "finetune"
+
+
+def unknown_field(key: str, schema: Mapping[str, Any], prefix: str) -> str:
+  """The error for field `prefix + key` that `schema` lacks: did you mean?"""
+  close = difflib.get_close_matches(key, list(schema), n=1)
+  hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+  return f"unknown field {prefix}{key}{hint}"
+
+
+def override_problem(path: str) -> str | None:
+  """What is wrong with overriding field `path` (e.g. "model.dept"), or None
+  if `base_config()` has it: main.py's one-line error for a --config.PATH
+  that ml_collections refuses with a traceback (kept light: no JAX)."""
+  schema: Any = base_config().to_dict()
+  prefix = "config."
+  for key in path.split("."):
+    if not isinstance(schema, Mapping) or key not in schema:
+      return unknown_field(
+          key, schema if isinstance(schema, Mapping) else {}, prefix)
+    schema, prefix = schema[key], f"{prefix}{key}."
+  return None

@@ -2,23 +2,27 @@
 
 Runs before anything compiles: unknown or missing fields (with a "did you
 mean"), wrong types, and values that cannot run (batch not divisible by the
-devices, a loss that does not fit the label mode, ...), all listed at once.
+devices, a loss that does not fit the label mode, frozen blocks with nothing
+to load into them, ...), all listed at once. `validate_dataset` then checks
+the config against the datasets' info (features, label mode, every split the
+run reads), so a run on another dataset fails in seconds, naming the fix.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 
 from mlimages_jax.evaluation import fewshot
+from mlimages_jax.inputs import pipeline
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
 from mlimages_jax.train.config import LOSSES
 from mlimages_jax.train.config import base_config
 from mlimages_jax.train.config import train_mode
+from mlimages_jax.train.config import unknown_field
 from mlimages_jax.train.finetune import FROZEN_BLOCKS_BATCH_STATS
 from mlimages_jax.train.schedule import RATES_AT_BOUNDARY
 from mlimages_jax.train.state import DTYPES
@@ -33,9 +37,7 @@ def _check_fields(config: Mapping[str, Any], schema: Mapping[str, Any],
   """Names and types of `config` against `schema` (nested dicts of defaults)."""
   for key in config:
     if key not in schema:
-      close = difflib.get_close_matches(key, list(schema), n=1)
-      hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-      problems.append(f"unknown field {prefix}{key}{hint}")
+      problems.append(unknown_field(key, schema, prefix))
   for key, default in schema.items():
     if key not in config:
       problems.append(f"missing field {prefix}{key}")
@@ -72,9 +74,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.loss.name {config.loss.name!r} is not one of "
                     f"{sorted(LOSSES)}")
   elif LOSSES[config.loss.name] != config.label_mode:
+    fits = [name for name, mode in LOSSES.items()
+            if mode == config.label_mode]
+    others = f" (or {', '.join(fits[1:])})" if len(fits) > 1 else ""
     problems.append(f"config.loss.name {config.loss.name!r} needs "
                     f"label_mode {LOSSES[config.loss.name]!r}, config has "
-                    f"{config.label_mode!r}")
+                    f"{config.label_mode!r}: set --config.loss.name="
+                    f"{fits[0]}{others}")
   if config.dtype not in DTYPES:
     problems.append(f"config.dtype {config.dtype!r} is not one of "
                     f"{sorted(DTYPES)}")
@@ -121,6 +127,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.freeze_blocks <= num_stages:
     problems.append(f"config.freeze_blocks must be in 0..{num_stages} (the "
                     f"stem plus that many stages), got {config.freeze_blocks}")
+  elif config.freeze_blocks and not config.init_checkpoint:
+    problems.append(
+        f"config.freeze_blocks={config.freeze_blocks} without "
+        "config.init_checkpoint would freeze the stem and stages at their "
+        "random initialisation: set --config.init_checkpoint=<pre-training "
+        "workdir or checkpoint>, or --config.freeze_blocks=0 to train "
+        "everything from scratch")
   if config.frozen_blocks_batch_stats not in FROZEN_BLOCKS_BATCH_STATS:
     problems.append(f"config.frozen_blocks_batch_stats "
                     f"{config.frozen_blocks_batch_stats!r} is not one of "
@@ -143,3 +156,90 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"config.fewshot: {e}")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _split_problem(builder: Any, field: str, split: str, *,
+                   names_only: bool = False, fix: bool = True) -> str | None:
+  """Why `split` (the value of config field `field`) cannot be read, or None.
+
+  TFDS split expressions (``train[:90%]``) are fine unless `names_only`:
+  the evaluator reads whole named splits. With `fix`, names the flag to set.
+  """
+  names = sorted(builder.info.splits)
+  if split in names:
+    return None
+  if not names_only:
+    try:
+      builder.info.splits[split]
+      return None
+    except (KeyError, ValueError, AssertionError):
+      pass
+  problem = (f"{field} {split!r}: {builder.info.full_name} has no such split "
+             f"(splits: {', '.join(names)})")
+  if not fix:
+    return problem
+  others = [n for n in names if n != "train"]
+  return (f"{problem}; set --{field}="
+          f"{others[0] if len(others) == 1 else '<one of them>'}")
+
+
+def _label_mode_problem(builder: Any, config: ml_collections.ConfigDict,
+                        error: ValueError) -> str:
+  """The one-line fix when the dataset's features do not fit the label mode."""
+  name, features = builder.info.full_name, builder.info.features
+  if config.label_mode == "multi" and "label" in features:
+    return (f"{name} has a single `label` per image, not the multi-label "
+            "`labels`/`confidences` of config.label_mode='multi': set "
+            "--config.label_mode=single --config.loss.name=softmax")
+  if config.label_mode == "single" and "labels" in features:
+    return (f"{name} has multi-label `labels`, not the `label` of "
+            "config.label_mode='single': set --config.label_mode=multi "
+            "--config.loss.name=adaptive_sigmoid")
+  return f"config.dataset {name}: {error}"
+
+
+def validate_dataset(config: ml_collections.ConfigDict
+                     ) -> pipeline.DatasetInfo:
+  """Checks the datasets a run reads against its config, from their info.
+
+  Runs after `validate_config`, before anything heavy is built: the training
+  dataset's features against the label mode (and loss), and every split the
+  run reads (train, eval, each few-shot dataset's two). Raises ConfigError
+  listing every problem with its fix, or pipeline.DatasetNotBuiltError with
+  the build command (it builds ml_images/synthetic when the config asks);
+  returns the training dataset's classes and splits.
+  """
+  data_dir = config.data_dir or None
+  builder = pipeline.load_builder(
+      config.dataset, data_dir,
+      build_if_missing=config.build_dataset_if_missing)
+  problems = []
+  info = None
+  try:
+    info = pipeline.dataset_info(config.dataset, data_dir,
+                                 label_mode=config.label_mode)
+  except ValueError as e:
+    problems.append(_label_mode_problem(builder, config, e))
+  problems += [
+      _split_problem(builder, "config.train_split", config.train_split),
+      # Every run ends with an evaluation, whatever eval_every_steps says.
+      _split_problem(builder, "config.eval_split", config.eval_split,
+                     names_only=True)]
+  if config.fewshot.every_steps:
+    fewshot_dir = config.fewshot.data_dir or data_dir
+    for i, task in enumerate(fewshot.tasks_from_config(
+        config.fewshot.datasets)):
+      field = f"config.fewshot.datasets[{i}]"
+      task_builder = pipeline.load_builder(task.dataset, fewshot_dir)
+      try:
+        pipeline.dataset_info(task.dataset, fewshot_dir, label_mode="single")
+      except ValueError as e:
+        problems.append(f"{field}: few-shot probes need a single-label "
+                        f"dataset: {e}")
+      problems += [_split_problem(task_builder, field, split, fix=False)
+                   for split in (task.train_split, task.test_split)]
+  problems = [p for p in problems if p]
+  if problems:
+    raise ConfigError("invalid config for its dataset:\n  "
+                      + "\n  ".join(problems))
+  return info

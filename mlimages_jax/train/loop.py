@@ -5,13 +5,15 @@ fine-tuning) on every device of every process, evaluates, writes logs and
 Orbax checkpoints, and resumes exactly from the workdir. It reads top-down
 like flax ``examples/imagenet``: validate, build the input, the state and the
 compiled steps, then loop. Everything a run needs is validated before the
-first compilation (config, batch divisibility, dataset presence, checkpoint
-compatibility), so mistakes cost seconds, not a compile.
+first compilation (config, batch divisibility, workdir, the dataset's
+presence, features and splits, checkpoint compatibility), so mistakes cost
+seconds, not a compile.
 
 The host runs ahead of the devices and waits for them only where it must:
 a logging interval's metrics are fetched (and NaN checked) once the next
 step is queued, a checkpoint is handed to Orbax after the next step is
-queued (its copy is taken first: the step donates the state's memory), and
+queued (its copy is taken first: the step donates the state's memory) or,
+at an evaluation step, before the evaluation (which then cannot cost it), and
 the learning rate is logged from the step's own metrics. The cross-process
 collectives are the ``pmean`` calls inside the compiled step (steps.py) and,
 on the host, the sum of decode failures at each report and those of the
@@ -48,6 +50,7 @@ from mlimages_jax.train import run_log
 from mlimages_jax.train import schedule
 from mlimages_jax.train import steps
 from mlimages_jax.train.config_validation import validate_config
+from mlimages_jax.train.config_validation import validate_dataset
 from mlimages_jax.train.evaluator import Evaluator
 from mlimages_jax.train.state import TrainState
 from mlimages_jax.train.state import create_model
@@ -66,13 +69,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = fileio.as_path(workdir)  # Local or remote (gs://...).
   is_chief = jax.process_index() == 0
   if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
+    fileio.writable_directory(workdir, "workdir")
   total_steps = schedule.num_train_steps(config)
 
-  # Input first: a missing dataset fails here, in seconds.
+  # Input first: a missing dataset, split or feature fails here, in seconds.
+  info = validate_dataset(config)
   train_iter = inputs.create_train_iterator(config)
-  info = pipeline.dataset_info(config.dataset, config.data_dir or None,
-                               label_mode=config.label_mode)
   metadata = store.make_metadata(
       depth=config.model.depth, num_classes=info.num_classes,
       width_multiplier=config.model.width_multiplier,
@@ -208,11 +210,14 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       # Copied now: the next step reuses (donates) the state's memory.
       to_save = (step, distributed.unreplicate(state), metadata,
                  batches.get_state())
-    if stop:  # No next step: the save starts now, during an evaluation.
+    if stop:
       logging.warning("step %d: stopping (signal); saving its checkpoint.",
                       step)
+    if to_save and (stop or is_eval or is_probe):
+      # No next step, or an evaluation first: the save starts now, so it
+      # runs during the evaluation and a failing one cannot cost it.
       _save(checkpointer, to_save)
-      to_save = None
+      last_checkpoint, to_save = to_save[0], None
     if is_eval and step != total_steps:
       _evaluate(evaluator, state, log, step)
     if is_probe and step != total_steps:
