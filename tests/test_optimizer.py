@@ -4,6 +4,7 @@ named optimizers against NumPy references."""
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 import sys
 
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from mlimages_jax.checkpoints import store
 from mlimages_jax.train import finetune
 from mlimages_jax.train import optimizer as optimizer_lib
 from mlimages_jax.train import schedule as schedule_lib
@@ -192,3 +194,26 @@ def test_frozen_blocks_stay_put_under_lars():
   updates, _ = tx.update(grads, tx.init(params), params)
   for path, update in flax.traverse_util.flatten_dict(updates).items():
     assert np.all(update != 0) != finetune.is_frozen(path, 1), path
+
+
+def test_checkpoint_metadata_records_the_chosen_fields_only():
+  config = _config("lars", trust_coefficient=0.02)
+  record = optimizer_lib.optimization_record(config)
+  assert record == {
+      "optimizer": {"name": "lars", "clip_global_norm": 0.0,
+                    "momentum": 0.9, "weight_decay": 1e-4,
+                    "trust_coefficient": 0.02},
+      "schedule": {"name": "recipe", "reference_batch_size": 16,
+                   "base_lr": 0.01, "peak_lr": 0.08, "warmup_steps": 4,
+                   "warmup_epochs": 0.0, "train_examples": 0,
+                   "warmup_factor": 1.297, "warmup_interval": 2,
+                   "decay_boundaries": [5], "decay_factor": 0.1,
+                   "rate_at_boundary": "previous"},
+      "batch_size": 16}
+  metadata = store.make_metadata(
+      depth=14, num_classes=1, width_multiplier=0.25, image_size=32,
+      label_mode="multi", class_ids=["n0"], class_names=["zero"],
+      optimization=record)
+  assert json.loads(json.dumps(metadata))["optimization"] == record
+  with pytest.raises(store.CheckpointError, match="'optimization' must be"):
+    store.validate_metadata(dict(metadata, optimization="lars"))

@@ -30,6 +30,7 @@ import ml_collections
 import optax
 
 from mlimages_jax.train import finetune
+from mlimages_jax.train import schedule as schedule_lib
 
 # optimizer.name -> the fields of config.optimizer it reads, besides `name`
 # and `clip_global_norm` (read by all).
@@ -96,6 +97,23 @@ def loss_weight_decay(o: ml_collections.ConfigDict) -> tuple[float, float]:
   if o.name == "sgd":
     return o.weight_decay, o.weight_decay_bn
   return 0.0, 0.0
+
+
+def optimization_record(config: ml_collections.ConfigDict
+                        ) -> dict[str, Any]:
+  """The optimizer and schedule of a run as checkpoint metadata records them
+  (``store.make_metadata(optimization=...)``): each name with only the
+  fields it reads, and the global batch the schedule is scaled to."""
+  def chosen(group: str, fields: dict[str, tuple[str, ...]],
+             common: tuple[str, ...]) -> dict[str, Any]:
+    values = config[group]
+    return {key: list(values[key]) if isinstance(values[key], tuple)
+            else values[key] for key in (*common, *fields[values.name])}
+
+  return {"optimizer": chosen("optimizer", FIELDS, COMMON_FIELDS),
+          "schedule": chosen("schedule", schedule_lib.FIELDS,
+                             schedule_lib.COMMON_FIELDS),
+          "batch_size": config.batch_size}
 
 
 def batch_norm_modules(batch_stats: Any) -> frozenset[tuple[str, ...]]:
