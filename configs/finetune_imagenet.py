@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(image_size=299, from_step=300_000))
   c.loss.name = "softmax"
   c.optimizer.weight_decay_bn = 1e-5
-  c.schedule = ml_collections.ConfigDict(dict(
+  c.schedule.update(dict(
       reference_batch_size=256, base_lr=0.1, warmup_factor=1.0,
       warmup_interval=1, warmup_steps=0, peak_lr=0.1,
       decay_boundaries=(150_000, 300_000, 450_000), decay_factor=0.1,

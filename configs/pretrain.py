@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 110k/220k/330k/440k, at a global batch of 2,048 (see the docstring).
   # The boundary steps keep the old rate, as the original's
   # tf.train.piecewise_constant: 0.08 up to step 110,000 included.
-  c.schedule = ml_collections.ConfigDict(dict(
+  c.schedule.update(dict(
       reference_batch_size=2048, base_lr=0.01, warmup_factor=1.297,
       warmup_interval=4_400, warmup_steps=35_200, peak_lr=0.08,
       decay_boundaries=(110_000, 220_000, 330_000, 440_000),

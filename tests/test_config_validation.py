@@ -231,3 +231,51 @@ def test_fewshot_datasets_and_splits_are_checked(shapes_dir):
   with pytest.raises(pipeline.DatasetNotBuiltError,
                      match="tfds build cifar100"):
     config_validation.validate_dataset(config)
+
+
+def test_optimizer_and_schedule_by_name_from_the_command_line():
+  config = _parse_flags("--config.optimizer.name=lars",
+                        "--config.optimizer.trust_coefficient=0.02",
+                        "--config.optimizer.clip_global_norm=1.0",
+                        "--config.schedule.name=warmup_step",
+                        "--config.schedule.warmup_factor=1.0",
+                        "--config.schedule.warmup_interval=1")
+  assert (config.optimizer.name, config.optimizer.trust_coefficient) == (
+      "lars", 0.02)
+  config_validation.validate_config(config)
+
+
+def test_unknown_names_and_fields_of_another_name_are_rejected():
+  config = _parse_flags("--config.optimizer.name=adam",
+                        "--config.schedule.name=cosine")
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("config.optimizer.name 'adam' is not one of ['adamw', 'lamb', "
+          "'lars', 'sgd']") in str(e.value)
+  assert ("config.schedule.name 'cosine' is not one of ['recipe', "
+          "'warmup_cosine', 'warmup_step']") in str(e.value)
+  # The full recipe's staircase warm-up fields mean nothing to a cosine.
+  config = _parse_flags("--config.optimizer.b1=0.95",
+                        "--config.schedule.name=warmup_cosine")
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config)
+  assert ("config.optimizer.b1=0.95 is read only by optimizer.name lamb / "
+          "adamw, not 'sgd': drop it (default 0.9) or set "
+          "config.optimizer.name") in str(e.value)
+  assert ("config.schedule.warmup_factor=1.297 is read only by schedule.name "
+          "recipe, not 'warmup_cosine'") in str(e.value)
+  assert "config.schedule.decay_boundaries=(110000," in str(e.value)
+
+
+def test_warmup_in_epochs_needs_the_epoch_size():
+  config = pretrain.get_config("smoke")
+  config.schedule.warmup_epochs = 1.0
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"warmup_epochs must be >= 0 and, when > 0, needs "
+                     r"schedule.train_examples \(images per epoch\) > 0 and "
+                     r"warmup_steps 0"):
+    config_validation.validate_config(config)
+  config.schedule.warmup_steps = 0
+  config.schedule.train_examples = 160  # 10 steps of 16, within 1st decay.
+  config.schedule.decay_boundaries = (20,)
+  config_validation.validate_config(config)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mlimages_jax.train import config as config_lib
 from mlimages_jax.train import config_validation
 from mlimages_jax.train import schedule as schedule_lib
 
@@ -138,3 +139,76 @@ def test_schedule_scales_with_global_batch():
   np.testing.assert_allclose([float(lr_fn(s)) for s in steps], want,
                              rtol=1e-6)
   assert schedule_lib.num_train_steps(config) == 220_000
+
+
+def test_recipe_rates_are_unchanged():
+  """The recipe schedule at chosen steps: the values of the code before
+  named schedules (exact float32 lookups, so equal to the bit)."""
+  cases = [
+      (pretrain.get_config(), 2048,
+       [0, 4_399, 4_400, 35_199, 35_200, 110_000, 110_001, 439_999],
+       [0.009999999776482582, 0.009999999776482582, 0.012970000505447388,
+        0.061741895973682404, 0.07999999821186066, 0.07999999821186066,
+        0.00800000037997961, 7.999999797903001e-05]),
+      (pretrain.get_config(), 4096,
+       [0, 2_199, 2_200, 17_599, 17_600, 55_000, 55_001],
+       [0.019999999552965164, 0.019999999552965164, 0.025940001010894775,
+        0.12348379194736481, 0.1599999964237213, 0.1599999964237213,
+        0.01600000075995922]),
+      (finetune_imagenet.get_config(), 256,
+       [0, 149_999, 150_000, 300_000, 450_000],
+       [0.10000000149011612, 0.10000000149011612, 0.010000000707805157,
+        0.0010000000474974513, 0.00010000000474974513])]
+  for config, batch_size, steps, want in cases:
+    config.batch_size = batch_size
+    lr_fn = schedule_lib.create_learning_rate_fn(config)
+    assert [float(lr_fn(s)) for s in steps] == want
+
+
+def _named(name: str, **fields):
+  """A schedule at twice its reference batch: 2x the rates, half the steps."""
+  config = pretrain.get_config("smoke")
+  defaults = config_lib.base_config().schedule
+  config.schedule.update(dict(dict(
+      name=name, reference_batch_size=16, base_lr=0.01, peak_lr=0.1,
+      warmup_factor=defaults.warmup_factor,
+      warmup_interval=defaults.warmup_interval, warmup_steps=20,
+      decay_boundaries=()), **fields))
+  config.batch_size = 32
+  config.num_train_steps = 200
+  config_validation.validate_config(config)  # No field of another name.
+  return config
+
+
+def test_warmup_cosine_matches_numpy():
+  config = _named("warmup_cosine", end_lr=0.001)
+  lr_fn = schedule_lib.create_learning_rate_fn(config)
+  steps = np.arange(0, 101)
+  warmup, total = 10, 100  # 20 and 200 at the reference batch of 16.
+  cosine = 0.5 * (1 + np.cos(np.pi * (steps - warmup) / (total - warmup)))
+  want = 2 * np.where(steps < warmup,
+                      0.01 + (0.1 - 0.01) * steps / warmup,
+                      0.001 + (0.1 - 0.001) * cosine)
+  np.testing.assert_allclose([float(lr_fn(s)) for s in steps], want,
+                             rtol=1e-5)
+
+
+def test_warmup_step_is_linear_then_the_recipes_decay():
+  config = _named("warmup_step", decay_boundaries=(60, 120))
+  lr_fn = schedule_lib.create_learning_rate_fn(config)
+  steps = np.arange(0, 100)
+  # Boundaries 30 and 60 at the run's batch; a boundary keeps the old rate.
+  want = 2 * np.where(steps < 10, 0.01 + (0.1 - 0.01) * steps / 10,
+                      0.1 * 0.1 ** ((steps > 30).astype(int)
+                                    + (steps > 60).astype(int)))
+  np.testing.assert_allclose([float(lr_fn(s)) for s in steps], want,
+                             rtol=1e-5)
+
+
+def test_warmup_in_epochs_uses_train_examples_and_the_global_batch():
+  config = _named("warmup_cosine", warmup_steps=0, warmup_epochs=2.5,
+                  train_examples=128)
+  assert schedule_lib.warmup_steps(config) == 10  # 2.5 x 128 / 32.
+  lr_fn = schedule_lib.create_learning_rate_fn(config)
+  assert float(lr_fn(9)) == pytest.approx(2 * (0.01 + 0.09 * 0.9), rel=1e-5)
+  assert float(lr_fn(10)) == pytest.approx(2 * 0.1, rel=1e-5)

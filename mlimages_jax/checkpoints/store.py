@@ -64,12 +64,16 @@ _DAMAGE = (OSError, ValueError, KeyError)
 def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
                   image_size: int, label_mode: str, class_ids: Sequence[str],
                   class_names: Sequence[str], step: int = 0,
-                  label_closure: str | None = None) -> dict[str, Any]:
+                  label_closure: str | None = None,
+                  optimization: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
   """The metadata every checkpoint carries (the TEAM.md contract).
 
   `label_closure` is what the training dataset did to its annotations
   ("closed" / "as_given", from the dataset's metadata); None: not recorded
-  (converted weights, datasets without the record).
+  (converted weights, datasets without the record). `optimization` is the
+  run's optimizer and schedule (``optimizer.optimization_record``); None:
+  not recorded.
   """
   metadata = {
       "format": FORMAT,
@@ -81,6 +85,7 @@ def make_metadata(*, depth: int, num_classes: int, width_multiplier: float,
                   "names": [str(n) for n in class_names]},
       "step": int(step),
       "label_closure": label_closure,
+      "optimization": None if optimization is None else dict(optimization),
   }
   validate_metadata(metadata)
   return metadata
@@ -110,6 +115,8 @@ def validate_metadata(metadata: Mapping[str, Any], source: str = "metadata"):
   if metadata.get("label_closure") not in (*LABEL_CLOSURES, None):
     fail(f"label_closure must be one of {LABEL_CLOSURES} or null, got "
          f"{metadata.get('label_closure')!r}")
+  if not isinstance(metadata.get("optimization"), (Mapping, type(None))):
+    fail("'optimization' must be an object or null")
   if not (len(classes["ids"]) == len(classes["names"]) == model["num_classes"]):
     fail(f"{len(classes['ids'])} class ids and {len(classes['names'])} names "
          f"for {model['num_classes']} classes")

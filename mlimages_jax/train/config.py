@@ -62,15 +62,27 @@ def base_config() -> ml_collections.ConfigDict:
       # counters advance once per group. 0 = the whole global batch.
       positivity_batch_size=0))
 
-  # Optimisation: SGD with momentum, L2 added to the loss.
+  # Optimisation (optimizer.py, schedule.py: `FIELDS` there says which
+  # fields each name reads; setting another one's is an error).
+  # optimizer.name: "sgd" (the recipe's: heavy-ball momentum, L2 added to the
+  # loss, BN at weight_decay_bn), or optax's "lars" (momentum,
+  # trust_coefficient), "lamb" or "adamw" (b1, b2, eps), whose weight_decay
+  # is decoupled and skips BN and biases. clip_global_norm: 0 = off.
   c.optimizer = ml_collections.ConfigDict(dict(
-      momentum=0.9, weight_decay=1e-4, weight_decay_bn=0.0))
+      name="sgd", momentum=0.9, weight_decay=1e-4, weight_decay_bn=0.0,
+      trust_coefficient=0.001, b1=0.9, b2=0.999, eps=1e-6,
+      clip_global_norm=0.0))
   # Written for `reference_batch_size` images per step; see schedule.py.
+  # schedule.name: "recipe" (staircase exponential warm-up, then step decay),
+  # "warmup_cosine" (linear warm-up, cosine to end_lr) or "warmup_step"
+  # (linear warm-up, then step decay). Warm-up: warmup_steps, or
+  # warmup_epochs (> 0) epochs of train_examples images per epoch.
   # rate_at_boundary: "previous" (a boundary step keeps the old rate, TF's
   # piecewise_constant) or "decayed" (TF's staircase exponential_decay).
   c.schedule = ml_collections.ConfigDict(dict(
-      reference_batch_size=256, base_lr=0.1, warmup_factor=1.0,
-      warmup_interval=1, warmup_steps=0, peak_lr=0.1,
+      name="recipe", reference_batch_size=256, base_lr=0.1,
+      warmup_factor=1.0, warmup_interval=1, warmup_steps=0,
+      warmup_epochs=0.0, train_examples=0, peak_lr=0.1, end_lr=0.0,
       decay_boundaries=(), decay_factor=0.1, rate_at_boundary="previous"))
   c.batch_size = 256  # Global: split over all devices of all processes.
   # Micro-batches per step: each device's share of the batch is cut into this

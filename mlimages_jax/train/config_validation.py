@@ -19,6 +19,8 @@ from mlimages_jax.evaluation import fewshot
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.inputs import preprocessing
 from mlimages_jax.models import resnet
+from mlimages_jax.train import optimizer
+from mlimages_jax.train import schedule as schedule_lib
 from mlimages_jax.train.config import LOSSES
 from mlimages_jax.train.config import base_config
 from mlimages_jax.train.config import train_mode
@@ -59,6 +61,30 @@ def _check_fields(config: Mapping[str, Any], schema: Mapping[str, Any],
         and not isinstance(default, bool)):
       problems.append(f"{prefix}{key} must be {type(default).__name__}, got "
                       f"{value!r}")
+
+
+def _check_chosen(group: str, config: ml_collections.ConfigDict,
+                  fields: Mapping[str, tuple[str, ...]],
+                  common: tuple[str, ...], problems: list[str]) -> None:
+  """``config.<group>.name`` is known, and no field only another name reads
+  differs from the base: it would be silently ignored."""
+  values, defaults = config[group], base_config()[group]
+  if values.name not in fields:
+    problems.append(f"config.{group}.name {values.name!r} is not one of "
+                    f"{sorted(fields)}")
+    return
+  read = (*common, *fields[values.name])
+  for key, default in defaults.items():
+    value = values[key]
+    if isinstance(default, tuple):
+      value = tuple(value)
+    if key in read or value == default:
+      continue
+    readers = [name for name, used in fields.items() if key in used]
+    problems.append(
+        f"config.{group}.{key}={value!r} is read only by {group}.name "
+        f"{' / '.join(readers)}, not {values.name!r}: drop it (default "
+        f"{default!r}) or set config.{group}.name")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -110,15 +136,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                "keep_checkpoints"):
     if config[name] <= 0:
       problems.append(f"config.{name} must be > 0, got {config[name]}")
+  _check_chosen("optimizer", config, optimizer.FIELDS,
+                optimizer.COMMON_FIELDS, problems)
+  if config.optimizer.clip_global_norm < 0:
+    problems.append("config.optimizer.clip_global_norm must be >= 0 (0 = "
+                    "off)")
   schedule = config.schedule
+  _check_chosen("schedule", config, schedule_lib.FIELDS,
+                schedule_lib.COMMON_FIELDS, problems)
   if schedule.reference_batch_size <= 0 or schedule.warmup_interval <= 0:
     problems.append("config.schedule.reference_batch_size and "
                     "warmup_interval must be > 0")
-  if list(schedule.decay_boundaries) != sorted(schedule.decay_boundaries) or (
-      schedule.decay_boundaries
-      and schedule.decay_boundaries[0] < schedule.warmup_steps):
-    problems.append("config.schedule.decay_boundaries must be ascending and "
-                    ">= warmup_steps")
+  if schedule.warmup_epochs < 0 or (schedule.warmup_epochs and (
+      schedule.warmup_steps or schedule.train_examples <= 0)):
+    problems.append(
+        "config.schedule.warmup_epochs must be >= 0 and, when > 0, needs "
+        "schedule.train_examples (images per epoch) > 0 and warmup_steps 0")
+  elif (config.batch_size > 0 and schedule.reference_batch_size > 0
+        and schedule.warmup_interval > 0):
+    warmup = schedule_lib.warmup_steps(config)
+    boundaries = [schedule_lib.scaled_steps(b, config)
+                  for b in schedule.decay_boundaries]
+    if boundaries != sorted(boundaries) or (
+        boundaries and boundaries[0] < warmup):
+      problems.append("config.schedule.decay_boundaries must be ascending "
+                      "and >= the warm-up's steps")
+    if schedule.name == "warmup_cosine" and warmup >= (
+        schedule_lib.num_train_steps(config)):
+      problems.append("config.schedule.name 'warmup_cosine' needs a warm-up "
+                      "shorter than num_train_steps")
   if schedule.rate_at_boundary not in RATES_AT_BOUNDARY:
     problems.append(f"config.schedule.rate_at_boundary "
                     f"{schedule.rate_at_boundary!r} is not one of "

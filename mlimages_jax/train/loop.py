@@ -80,7 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       width_multiplier=config.model.width_multiplier,
       image_size=schedule.image_size_at(config, total_steps),
       label_mode=config.label_mode, class_ids=info.class_ids,
-      class_names=info.class_names, label_closure=info.label_closure)
+      class_names=info.class_names, label_closure=info.label_closure,
+      optimization=optimizer.optimization_record(config))
   checkpointer = store.TrainCheckpointer(
       workdir, keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)

@@ -130,8 +130,8 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], *,
     grads, batch_stats, data_loss = _accumulate(
         micro_step, micro_batch, count, loop_micro_batches)
   decay, decay_grads = jax.value_and_grad(optimizer.weight_decay_penalty)(
-      state.params, bn_modules, config.optimizer.weight_decay,
-      config.optimizer.weight_decay_bn)
+      state.params, bn_modules,
+      *optimizer.loss_weight_decay(config.optimizer))
   grads = jax.tree.map(jnp.add, grads, decay_grads)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   batch_stats = jax.lax.pmean(batch_stats, AXIS_NAME)
