@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -416,15 +415,14 @@ def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
   first = subprocess.Popen(command + ["--process_id=0"], env=ENV, cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-  lines, sent = [], None
+  lines, sent = [], False
   for line in first.stderr:
     lines.append(line)
-    if sent is None and "step 2: evaluating" in line:
+    if not sent and "step 2: evaluating" in line:
       second.send_signal(signal.SIGINT)
-      sent = time.perf_counter()
+      sent = True
   first.wait(timeout=600)
   second.wait(timeout=600)
-  seconds = time.perf_counter() - sent
   logs = ["".join(lines), log_1.read_text()]
   assert [first.returncode, second.returncode] == [75, 75], logs[1][-3000:]
   stopped = [int(re.search(r"Preempted: stopped at step (\d+)", log)[1])
@@ -433,7 +431,6 @@ def test_main_two_processes_stop_together_on_a_signal(tmp_path, data_dir,
   # passed when the notice reached it: 3, or later if it came late.
   assert stopped[0] == stopped[1] and 3 <= stopped[0] < 6, stopped
   assert "SIGINT received after the boundary of step" in logs[1]
-  assert seconds < 60  # Measured: ~3 s on an idle 2-core machine.
   assert [(s["batches"], s["examples"])
           for s in _input_states(workdir, stopped[0])] == [
               (stopped[0], 8 * stopped[0])] * 2
