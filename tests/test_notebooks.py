@@ -2,7 +2,9 @@
 
 Small settings are injected papermill-style: a cell that overrides the
 notebook's "parameters" cell is inserted right after it, so the notebooks run
-unchanged otherwise. The kernel is this interpreter (a kernel spec written to
+unchanged otherwise. Each runs twice in a row (`run_twice`), as a user reruns
+it: what the first run leaves (workdir, dataset, caches) must not change what
+the second prints. The kernel is this interpreter (a kernel spec written to
 a temporary JUPYTER_PATH), so a fresh virtualenv needs only ipykernel, not a
 registered kernel.
 """
