@@ -3,13 +3,15 @@
 `test_two_processes_match_one_process` trains 3 pmapped steps on the same
 global batch (process i feeds the devices 2i and 2i+1), so gradients, BN
 statistics and the adaptive loss's class counters must be reduced across
-processes to end where one process with 4 devices ends. The multi-process run
-also writes a checkpoint together (per-process input states) and restores it.
+processes to agree with one process with 4 devices: the floats after the
+first step, the counters after all 3; and not with what one process's own
+devices give. The multi-process run also writes a checkpoint together
+(per-process input states) and restores it.
 `test_main_two_processes_train_evaluate_and_resume` runs ``main.py`` itself as
 two processes on the synthetic TFDS dataset.
 
 This file is also the worker: ``python test_multihost.py OUT PROCESS_ID
-NUM_PROCESSES PORT``.
+NUM_PROCESSES PORT LOCAL_DEVICES``.
 """
 
 from __future__ import annotations
