@@ -39,7 +39,7 @@ GLOBAL_DEVICES = 4
 # images of 32x32 per device the last BN normalises 2 values per channel and
 # 3 steps blew last-bit differences up to 0.4; 8 images of 64x64 per device
 # (32 values per channel in the last stage) keep the drift near the rounding
-# level, which the test measures (see test_two_processes_match_one_process).
+# level (see TOLERANCE).
 PER_DEVICE = 8
 IMAGE_SIZE = 64
 NUM_CLASSES = 16
@@ -69,10 +69,11 @@ def worker(out: pathlib.Path,
            num_processes: int,
            port: int,
            local_devices: int) -> None:
-  """Trains STEPS steps on devices ``process_id * local_devices`` on of the
-  global batch; process 0 saves the state after the first step (first.npz)
-  and at the end (final.npz). With 1 process and 2 devices it computes what
-  process 0 of 2 computes when it reduces over its own devices only."""
+  """Trains STEPS steps, its devices fed the global batch's device shards
+  from ``process_id * local_devices`` on; process 0 saves the state after
+  the first step with its loss (first.npz) and the final one (final.npz).
+  With 1 process and 2 devices it computes what process 0 of 2 computes when
+  it reduces over its own devices only."""
   import jax  # pylint: disable=g-import-not-at-top
 
   # pylint: disable=g-import-not-at-top
@@ -105,7 +106,7 @@ def worker(out: pathlib.Path,
       model, tx, config, optimizer_lib.batch_norm_modules(state.batch_stats))
   replicated = distributed.replicate(state)
   first = jax.process_index() * local_devices
-  saved = {"initial": (state, {})}
+  saved = {}
   for i in range(STEPS):
     batch = {k: v[first:first + local_devices]
              for k, v in global_batch(i).items()}
