@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,27 @@ NETWORKS = {"tiny": (14, 0.0625, 7, 32), "resnet101": (101, 1.0, 10, 64)}
 # orders: ~1e-7 relative per layer, ~1e-6 after ResNet-101's 100 layers
 # (measured at most 1.1e-6); a wrong layout, padding or BN term gives > 1e-2.
 RTOL = 1e-4
+
+
+# Prepended to a script run by `run_without_jax`.
+_BLOCK_JAX = ("import sys\n"
+              "for name in ('jax', 'jaxlib', 'flax', 'mlimages_jax'):\n"
+              "  sys.modules[name] = None  # Importing it now fails.\n")
+
+
+def run_without_jax(script: str, inputs: dict[str, np.ndarray],
+                    root: pathlib.Path, *args: str) -> dict[str, np.ndarray]:
+  """Runs `script` in a fresh interpreter in which importing JAX or this
+  package fails, as an export's user would: argv[1] is an .npz of `inputs`,
+  argv[2] the .npz it must write (returned), then `args`. So an export
+  that needs us, or a comparison that JAX's loaded libraries would sway,
+  cannot pass."""
+  np.savez(root / "inputs.npz", **inputs)
+  subprocess.run([sys.executable, "-c", _BLOCK_JAX + script,
+                  str(root / "inputs.npz"), str(root / "outputs.npz"), *args],
+                 check=True)
+  with np.load(root / "outputs.npz") as outputs:
+    return dict(outputs)
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:

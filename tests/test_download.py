@@ -172,12 +172,10 @@ def test_download_outcomes_against_local_server(server, tmp_path):
   lst.write_text("".join(f"{u}\t{i}:0.9\t5:1\n" for i, u in
                          enumerate(urls.values())))
   out = tmp_path / "out"
-  t0 = time.monotonic()
   stats = dl.download(str(lst), str(out), fast_config(
       timeout=1.0, processes=2, validation=validation.ValidationConfig(
           placeholder_hashes=frozenset(
               {hashlib.sha256(bad_hash).hexdigest()}))))
-  assert time.monotonic() - t0 < 15
 
   ok = read_im_list(out)
   expected_ok = ["ok", "500then200", "429", "redirect", "escape"]

@@ -149,16 +149,19 @@ def test_in_loop_evaluation_equals_mlimages_evaluate(smoke_run, data_dir, env,
 
 
 @pytest.mark.slow
-def test_incompatible_checkpoint_fails_before_compiling(smoke_run, data_dir):
+def test_incompatible_checkpoint_fails_before_compiling(smoke_run, data_dir,
+                                                       monkeypatch):
   config = pretrain.get_config("smoke")
   config.data_dir = str(data_dir)
   config.model.depth = 26
-  start = time.perf_counter()
+
+  def compile_step(*args, **kwargs):
+    raise AssertionError(f"compiled the step ({args}, {kwargs})")
+  monkeypatch.setattr(loop.steps, "pmap_train_step", compile_step)
   with pytest.raises(store.CheckpointError,
                      match=r"incompatible run: model\.depth: checkpoint 14, "
                      r"config 26"):
     loop.train_and_evaluate(config, smoke_run)
-  assert time.perf_counter() - start < 30
 
 
 @pytest.mark.slow
@@ -215,10 +218,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_dir, env,
 
 
 def _signal_when(command: list[str], env: dict[str, str], trigger: str,
-                 signum: int = signal.SIGTERM
-                 ) -> tuple[int, str, float]:
+                 signum: int = signal.SIGTERM) -> tuple[int, str]:
   """Runs `command`, sends `signum` once a log line contains `trigger`;
-  returns the exit code, the log and the seconds from the signal to exit."""
+  returns the exit code and the log. (The seconds from the signal to the
+  exit: benchmarks/preemption_stop_bench.py.)"""
   process = subprocess.Popen(command, env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -227,10 +230,10 @@ def _signal_when(command: list[str], env: dict[str, str], trigger: str,
     lines.append(line)
     if sent is None and trigger in line:
       process.send_signal(signum)
-      sent = time.perf_counter()
+      sent = True
   process.wait(timeout=600)
-  assert sent is not None, "".join(lines)[-3000:]
-  return process.returncode, "".join(lines), time.perf_counter() - sent
+  assert sent, "".join(lines)[-3000:]
+  return process.returncode, "".join(lines)
 
 
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -251,15 +254,12 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
                      "--config.checkpoint_every_steps=2")
 
   # The evaluation at step 2 runs after step 2's boundary: step 3 is saved.
-  code, log, seconds = _signal_when(command, env, "step 2: evaluating")
+  code, log = _signal_when(command, env, "step 2: evaluating")
   assert code == 75, log[-3000:]
   assert "SIGTERM received after the boundary of step 2;" in log
   assert "Preempted: stopped at step 3" in log
+  # The saved steps catch a late stop (the wait's timeout a hang).
   assert _checkpoint_steps(workdir) == [2, 3]
-  # The rest of the evaluation (here its compilation), a step, the save and
-  # the exit: ~2 s on an idle 2-core machine, 18 s on a loaded one. The
-  # bound catches a hang; the saved steps catch a late stop.
-  assert seconds < 60
   evaluations = [l["step"] for l in _lines(workdir) if "mAP" in l]
   assert evaluations == [2]  # The interrupted evaluation completed.
 
@@ -267,8 +267,7 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   # step 4's boundary, before the evaluation; the signal lands during that
   # save, the evaluation or just after, and the run stops at the boundary
   # after it (5 or 6).
-  code, log, seconds = _signal_when(command, env, "step 4: saving",
-                                    signal.SIGINT)
+  code, log = _signal_when(command, env, "step 4: saving", signal.SIGINT)
   assert code == 75, log[-3000:]
   assert "Resumed from step 3 of 8" in log
   passed = int(log.split("SIGINT received after the boundary of step ")[1]
@@ -276,7 +275,6 @@ def test_signals_save_the_next_step_and_resume_exactly(tmp_path, data_dir,
   stopped = int(log.split("Preempted: stopped at step ")[1].split()[0])
   assert passed in (4, 5) and stopped == passed + 1
   assert _checkpoint_steps(workdir)[-2:] == [4, stopped]
-  assert seconds < 60
 
   result = _run(command, env)
   assert result.returncode == 0, result.stderr[-3000:]

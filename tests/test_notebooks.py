@@ -2,7 +2,9 @@
 
 Small settings are injected papermill-style: a cell that overrides the
 notebook's "parameters" cell is inserted right after it, so the notebooks run
-unchanged otherwise. The kernel is this interpreter (a kernel spec written to
+unchanged otherwise. Each runs twice in a row (`run_twice`), as a user reruns
+it: what the first run leaves (workdir, dataset, caches) must not change what
+the second prints. The kernel is this interpreter (a kernel spec written to
 a temporary JUPYTER_PATH), so a fresh virtualenv needs only ipykernel, not a
 registered kernel.
 """
@@ -13,6 +15,7 @@ import functools
 import http.server
 import json
 import pathlib
+import re
 import sys
 import threading
 
@@ -71,9 +74,27 @@ def run_notebook(name: str, overrides: dict[str, object]) -> nbformat.NotebookNo
   return nb
 
 
-def text_output(nb: nbformat.NotebookNode) -> str:
+def run_twice(name: str, overrides: dict[str, object]) -> str:
+  """Runs the notebook twice in a row, each on a fresh kernel, as a user
+  reruns it (the first run's workdir, dataset and caches left in place);
+  returns the printed output, which must be the same both times but for
+  the names of temporary folders and TFDS's report of the dataset it built
+  (the rerun reuses it)."""
+  first, second = (
+      re.sub(r"mlimages_nb\d\d_\w+", "mlimages_nbNN_", re.sub(
+          r".*(Downloading and preparing|downloaded and prepared).*\n", "",
+          text_output(run_notebook(name, overrides), "stdout")))
+      for _ in range(2))
+  assert first == second
+  return first
+
+
+def text_output(nb: nbformat.NotebookNode, stream: str | None = None) -> str:
+  """What the cells printed (only to `stream`, "stdout" or "stderr", if
+  given)."""
   return "".join(out.get("text", "") for cell in nb.cells
-                 if cell.cell_type == "code" for out in cell.get("outputs", []))
+                 if cell.cell_type == "code" for out in cell.get("outputs", [])
+                 if stream is None or out.get("name") == stream)
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -129,9 +150,8 @@ def test_hierarchy_notebook_downloads_else_falls_back(kernel_env, tmp_path,
 
 @pytest.mark.slow
 def test_hierarchy_notebook_with_original_files(kernel_env, shared_dir):
-  nb = run_notebook("01_hierarchy_and_labels", {
+  out = run_twice("01_hierarchy_and_labels", {
       "shared_dir": str(shared_dir), "download": False})
-  out = text_output(nb)
   assert "Hierarchy: the original file" in out
   assert "categories named 'crane': 2" in out
   assert "num_images: 100" in out
@@ -140,13 +160,12 @@ def test_hierarchy_notebook_with_original_files(kernel_env, shared_dir):
 @pytest.mark.slow
 def test_classify_notebook_trains_a_tiny_checkpoint(kernel_env, data_dir,
                                                     tmp_path):
-  nb = run_notebook("02_classify_and_extract", {
+  out = run_twice("02_classify_and_extract", {
       "workdir": str(tmp_path / "run"), "config_variant": "smoke",
       "train_steps": 2, "data_dir": str(data_dir),
       "shared_dir": str(tmp_path / "absent"),
       "num_sample_images": 2, "num_gallery_images": 8, "num_queries": 2,
       "num_neighbours": 2})
-  out = text_output(nb)
   assert "0 photos, 2 synthetic images" in out
   assert "classified 2 images, 0 failed" in out
   assert "features: 8 images x 256 dims" in out  # ResNet-14 at width 1/8.
@@ -154,13 +173,12 @@ def test_classify_notebook_trains_a_tiny_checkpoint(kernel_env, data_dir,
 
 @pytest.mark.slow
 def test_train_notebook_trains_then_resumes(kernel_env, data_dir, tmp_path):
-  nb = run_notebook("03_train_demo", {
+  out = run_twice("03_train_demo", {
       "workdir": str(tmp_path / "run"), "config_variant": "smoke",
       "num_train_steps": 3, "resume_steps": 2, "log_every_steps": 1,
       "eval_every_steps": 2,
       "data_dir": str(data_dir), "num_example_images": 4,
       "poll_seconds": 1.0})
-  out = text_output(nb)
   assert ("resumed from step 3, now at step 5; training steps logged after "
           "resuming: [4, 5]") in out
   assert "evaluations: [(2, " in out  # Mid-run evaluations are plotted too.

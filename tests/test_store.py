@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pathlib
 import shutil
 
 import jax
@@ -215,6 +217,20 @@ def _saved_run(workdir, steps=(3, 6)) -> None:
   checkpointer.close()
 
 
+def _checkpoint_dirs(workdir) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def _contents(directory: pathlib.Path) -> dict[str, str]:
+  """Relative path -> SHA-256 of every file below `directory`: what a move
+  aside must keep byte for byte."""
+  contents = {str(p.relative_to(directory)):
+              hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in directory.rglob("*") if p.is_file()}
+  assert contents
+  return contents
+
+
 def _array_files(step_dir):
   return [p for p in (step_dir / "state").rglob("*")
           if p.is_file() and p.parent.name == "d"]
@@ -248,6 +264,7 @@ def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog, damage,
                                                   reason):
   _saved_run(tmp_path)
   damage(tmp_path / "checkpoints" / "6")
+  damaged = _contents(tmp_path / "checkpoints" / "6")
   checkpointer = store.TrainCheckpointer(tmp_path)
   with caplog.at_level("WARNING"):
     step, restored, position = checkpointer.restore_newest(_state(0),
@@ -255,9 +272,10 @@ def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog, damage,
   checkpointer.close()
   assert (step, position) == (3, b"at 3")
   _assert_trees_equal(restored, _state(3))
-  # Moved, not deleted; the log says which and why.
+  # Moved, not deleted, byte for byte; the log says which and why.
   assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
       f"6-{reason}"]
+  assert _contents(tmp_path / "checkpoints_bad" / f"6-{reason}") == damaged
   assert _checkpoint_dirs(tmp_path) == ["3"]
   assert f"Checkpoint step 6 ({tmp_path / 'checkpoints' / '6'}) cannot be " \
       "used" in caplog.text
@@ -266,16 +284,14 @@ def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog, damage,
   assert metadata["step"] == 3
 
 
-def _checkpoint_dirs(workdir) -> list[str]:
-  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
-
-
 def test_unfinished_save_is_moved_aside(tmp_path, caplog):
   """What a killed save leaves: Orbax's temporary step directory."""
   _saved_run(tmp_path)
   shutil.copytree(tmp_path / "checkpoints" / "6",
                   tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
   _delete_arrays(tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
+  unfinished = _contents(tmp_path / "checkpoints" /
+                         "9.orbax-checkpoint-tmp-1234")
   with caplog.at_level("WARNING"):
     checkpointer = store.TrainCheckpointer(tmp_path)
   assert "the save never finished" in caplog.text
@@ -284,17 +300,21 @@ def test_unfinished_save_is_moved_aside(tmp_path, caplog):
   assert _checkpoint_dirs(tmp_path) == ["3", "6"]
   assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
       "9-unfinished-save"]
+  assert _contents(tmp_path / "checkpoints_bad" / "9-unfinished-save") == (
+      unfinished)
 
 
 def test_no_restorable_checkpoint_starts_fresh(tmp_path):
   _saved_run(tmp_path)
+  damaged = {}
   for step in ("3", "6"):
     _truncate_arrays(tmp_path / "checkpoints" / step)
+    damaged[f"{step}-bad-state"] = _contents(tmp_path / "checkpoints" / step)
   checkpointer = store.TrainCheckpointer(tmp_path)
   assert checkpointer.restore_newest(_state(0), _metadata()) is None
   checkpointer.close()
-  assert sorted(p.name for p in (tmp_path / "checkpoints_bad").iterdir()) == [
-      "3-bad-state", "6-bad-state"]
+  assert {p.name: _contents(p) for p in (tmp_path / "checkpoints_bad"
+                                           ).iterdir()} == damaged
   with pytest.raises(store.CheckpointError, match="no checkpoint here"):
     store.load_for_inference(tmp_path)
 
