@@ -97,7 +97,7 @@ class _SlowDevice:
 def traced_run(tmp_path_factory):
   """8 steps in process on a tiny real build with the annotations as given
   (2 micro-batches, positivity groups of 4), with `config.profile` tracing
-  steps 6-7: the first logging interval (steps 1-4) input-bound, the second
+  steps 7-8: the first logging interval (steps 1-4) input-bound, the second
   (5-8) device-bound. Returns the workdir and the `_SlowDevice` record."""
   from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
   tmp_path = tmp_path_factory.mktemp("traced_run")
@@ -116,7 +116,7 @@ def traced_run(tmp_path_factory):
   config.num_eval_examples = -1
   config.accumulate_steps = 2
   config.loss.positivity_batch_size = 4
-  config.profile.after_steps, config.profile.num_steps = 5, 2
+  config.profile.after_steps, config.profile.num_steps = 6, 2
   device = _SlowDevice(slow_from=5)
   with pytest.MonkeyPatch.context() as patch:
     create = inputs.create_train_iterator
@@ -157,7 +157,7 @@ def test_the_host_queues_at_most_two_steps(traced_run):
   """On a slow device the host waits for step N - 2 before queueing step N
   (unbounded, it queued all 4 steps of the interval)."""
   assert traced_run[1].dispatched == 8
-  assert traced_run[1].max_in_flight == loop.MAX_STEPS_IN_FLIGHT == 2
+  assert traced_run[1].max_in_flight == 2
 
 
 @pytest.mark.slow
