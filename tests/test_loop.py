@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import sys
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import fewshot_helpers
@@ -18,6 +21,7 @@ from mlimages_jax.evaluation import evaluator as evaluation
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import config_validation
 from mlimages_jax.train import evaluator as train_evaluator
+from mlimages_jax.train import inputs
 from mlimages_jax.train import loop
 from mlimages_jax.train import steps
 
@@ -61,13 +65,74 @@ def test_missing_dataset_fails_fast_with_build_command(tmp_path, monkeypatch):
   assert not (tmp_path / "work" / "checkpoints").exists()
 
 
-@pytest.mark.slow
-def test_checkpoints_record_the_datasets_label_closure(tmp_path):
-  """A real build with the annotations as given: every checkpoint says so.
-  The run accumulates 2 micro-batches in positivity groups of 4. The build
-  is stored as array_record: training reads it by index, and the checkpoint
-  holds that iterator's position."""
+# Sleeps that make a phase of `traced_run` input- or device-bound.
+SLOW_SECONDS = 0.5
+
+
+class _SlowInput:
+  """An input iterator whose first `slow` batches each take SLOW_SECONDS."""
+
+  def __init__(self, iterator: pipeline.InputIterator, slow: int):
+    self.iterator, self.slow = iterator, slow
+
+  def __next__(self):
+    if self.slow:
+      self.slow -= 1
+      time.sleep(SLOW_SECONDS)
+    return next(self.iterator)
+
+  def __getattr__(self, name: str):
+    return getattr(self.iterator, name)
+
+
+class _SlowDevice:
+  """Wraps `steps.pmap_train_step`: from step `slow_from` on, each step's
+  metrics pass a host callback that sleeps SLOW_SECONDS on device 0, so the
+  metrics the loop waits on are late; records the most steps ever
+  dispatched and not done (metrics not ready) just after a dispatch."""
+
+  def __init__(self, slow_from: int):
+    self.slow_from, self.dispatched, self.max_in_flight = slow_from, 0, 0
+    self.callbacks, self.done = collections.Counter(), 0
+    self.gate = jax.pmap(self._gate, axis_name="i")
+
+  def _finish(self, step, device):
+    if step >= self.slow_from and device == 0:
+      time.sleep(SLOW_SECONDS)
+    self.callbacks[int(step)] += 1
+    if self.callbacks[int(step)] == jax.local_device_count():
+      self.done += 1
+    return np.float32(0)
+
+  def _gate(self, metrics, step):
+    zero = jax.pure_callback(self._finish, jax.ShapeDtypeStruct((), "float32"),
+                             step, jax.lax.axis_index("i"))
+    return {k: v + zero.astype(v.dtype) for k, v in metrics.items()}
+
+  def wrap(self, make_step):
+    def make(*args, **kwargs):
+      p_step = make_step(*args, **kwargs)
+
+      def step(state, batch):
+        self.dispatched += 1
+        self.max_in_flight = max(self.max_in_flight,
+                                 self.dispatched - self.done)
+        state, metrics = p_step(state, batch)
+        return state, self.gate(
+            metrics, np.full(jax.local_device_count(), self.dispatched))
+      return step
+    return make
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+  """8 steps in process on a tiny real build with the annotations as given,
+  stored as array_record (training reads it by index; the checkpoint holds
+  that iterator's position), 2 micro-batches, positivity groups of 4, with `config.profile` tracing
+  steps 7-8: the first logging interval (steps 1-4) input-bound, the second
+  (5-8) device-bound. Returns the workdir and the `_SlowDevice` record."""
   from mlimages_jax.datasets.ml_images import ml_images_dataset_builder as mib
+  tmp_path = tmp_path_factory.mktemp("traced_run")
   config_name = "synthetic_as_given"
   mib.Builder(config=mib.MlImagesConfig(
       name=config_name, kind="synthetic", parts=(), num_train=32,
@@ -77,21 +142,67 @@ def test_checkpoints_record_the_datasets_label_closure(tmp_path):
   config = pretrain.get_config("smoke")
   config.dataset = f"ml_images/{config_name}"
   config.data_dir = str(tmp_path / "data")
-  config.num_train_steps = 2
+  config.num_train_steps = 8
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 8
   config.eval_batch_size = 8
   config.num_eval_examples = -1
   config.accumulate_steps = 2
   config.loss.positivity_batch_size = 4
-  loop.train_and_evaluate(config, tmp_path / "work")
-  checkpoints = store.TrainCheckpointer(tmp_path / "work")
+  config.profile.after_steps, config.profile.num_steps = 6, 2
+  device = _SlowDevice(slow_from=5)
+  with pytest.MonkeyPatch.context() as patch:
+    create = inputs.create_train_iterator
+    patch.setattr(inputs, "create_train_iterator",
+                  lambda *a, **k: _SlowInput(create(*a, **k), slow=4))
+    patch.setattr(steps, "pmap_train_step", device.wrap(steps.pmap_train_step))
+    loop.train_and_evaluate(config, tmp_path / "work")
+  return tmp_path / "work", device
+
+
+@pytest.mark.slow
+def test_checkpoints_record_the_datasets_label_closure(traced_run):
+  """A real build with the annotations as given: every checkpoint says so."""
+  checkpoints = store.TrainCheckpointer(traced_run[0])
   metadata = checkpoints.metadata(checkpoints.latest_step())
   checkpoints.close()
-  assert metadata["step"] == 2
+  assert metadata["step"] == 8
   assert metadata["label_closure"] == "as_given"
-  [position] = (tmp_path / "work").glob("**/2/**/process_0-of-1.bin")
+  [position] = traced_run[0].glob("**/8/**/process_0-of-1.bin")
   position = json.loads(position.read_bytes())
   assert position["file_format"] == "array_record"
-  assert (position["epoch"], position["position"]) == (0, 32)
+  assert (position["epoch"], position["position"]) == (4, 0)  # 8 x 16 of 32.
+
+
+
+@pytest.mark.slow
+def test_wait_shares_show_the_bottleneck(traced_run):
+  """The input-bound interval waits mostly on the input, the device-bound
+  one mostly on the devices."""
+  lines = [json.loads(line) for line in
+           (traced_run[0] / "metrics.jsonl").read_text().splitlines()]
+  first, second = [line for line in lines if "loss" in line]
+  assert (first["step"], second["step"]) == (4, 8)
+  for line in (first, second):
+    assert 0 <= line["input_wait_share"] <= 1
+    assert 0 <= line["device_wait_share"] <= 1
+  assert first["input_wait_share"] > first["device_wait_share"]
+  assert second["device_wait_share"] > second["input_wait_share"]
+
+
+@pytest.mark.slow
+def test_the_host_queues_at_most_two_steps(traced_run):
+  """On a slow device the host waits for step N - 2 before queueing step N
+  (unbounded, it queued the interval's steps: 3 or more, measured)."""
+  assert traced_run[1].dispatched == 8
+  assert traced_run[1].max_in_flight == 2
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_for_tensorboard(traced_run):
+  traces = list((traced_run[0] / "profile" / "plugins" / "profile").glob(
+      "*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def test_missing_eval_split_fails_before_building_anything(shapes_dir,
@@ -169,3 +280,4 @@ def test_workdir_that_cannot_be_a_folder_fails_first(tmp_path, where):
   with pytest.raises(fileio.OutputPathError,
                      match=f"workdir {workdir} {reason}"):
     loop.train_and_evaluate(pretrain.get_config(), workdir)
+

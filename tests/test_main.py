@@ -94,8 +94,10 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
   assert [l["step"] for l in train_lines] == [2, 3, 4, 6]
   for line in train_lines:
     assert set(line) == {"step", "loss", "learning_rate", "images_per_sec",
-                         "decode_failures"}
+                         "decode_failures", "input_wait_share",
+                         "device_wait_share"}
     assert line["decode_failures"] == 0
+    assert 0 <= line["input_wait_share"] + line["device_wait_share"] <= 1
     assert np.isfinite(line["loss"]) and line["images_per_sec"] > 0
     assert line["learning_rate"] == pytest.approx(
         float(schedule_lib.create_learning_rate_fn(config)(line["step"] - 1)))
@@ -105,6 +107,7 @@ def test_smoke_run_writes_logs_and_checkpoints(smoke_run):
   saved = json.loads((smoke_run / "config.json").read_text())
   assert saved["model"]["depth"] == 14 and saved["batch_size"] == 16
   assert list(smoke_run.glob("events.out.tfevents.*"))
+  assert not list(smoke_run.rglob("*.xplane.pb"))  # config.profile is off.
   steps = sorted(int(p.name) for p in (smoke_run / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps == [3, 6]
@@ -221,7 +224,7 @@ def _signal_when(command: list[str], env: dict[str, str], trigger: str,
                  signum: int = signal.SIGTERM) -> tuple[int, str]:
   """Runs `command`, sends `signum` once a log line contains `trigger`;
   returns the exit code and the log. (The seconds from the signal to the
-  exit: benchmarks/preemption_stop_bench.py.)"""
+  exit: benchmarks/stop_bench.py.)"""
   process = subprocess.Popen(command, env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)

@@ -113,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.prefetch_to_device = 2  # Batches queued on the devices ahead of the step.
+  # A jax.profiler trace of `num_steps` steps (0 = off) into W/profile
+  # (TensorBoard's profile tab), starting once this run (fresh or resumed)
+  # has done `after_steps` steps: after compilation and the input warm-up.
+  # Process 0 only.
+  c.profile = ml_collections.ConfigDict(dict(num_steps=0, after_steps=10))
 
   # Few-shot linear probes of the backbone (evaluation/fewshot.py): ridge
   # regression on k frozen features per class, accuracy on a test split.

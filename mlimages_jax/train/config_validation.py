@@ -193,6 +193,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                             dict(config.preprocess))
   except ValueError as e:
     problems.append(f"config.preprocess: {e}")
+  if config.profile.num_steps < 0 or config.profile.after_steps < 0:
+    problems.append("config.profile.num_steps and after_steps must be >= 0 "
+                    "(num_steps 0 = off)")
   if config.fewshot.every_steps < 0:
     problems.append("config.fewshot.every_steps must be >= 0 (0 = off)")
   elif config.fewshot.every_steps:

@@ -14,10 +14,15 @@ a logging interval's metrics are fetched (and NaN checked) once the next
 step is queued, a checkpoint is handed to Orbax after the next step is
 queued (its copy is taken first: the step donates the state's memory) or,
 at an evaluation step, before the evaluation (which then cannot cost it), and
-the learning rate is logged from the step's own metrics. The cross-process
-collectives are the ``pmean`` calls inside the compiled step (steps.py) and,
-on the host, the sum of decode failures at each report and those of the
-evaluation (evaluation/evaluator.py, the same path as ``mlimages evaluate``).
+the learning rate is logged from the step's own metrics. It runs at most
+`MAX_STEPS_IN_FLIGHT` steps ahead (step N is queued once step N - 2 is
+done), so a stop or a save never waits for a long queue of steps. The
+times it blocks on the input and on the devices are logged as shares of
+each interval (run_log.py); `config.profile` traces a few steps. The
+cross-process collectives are the ``pmean`` calls inside the compiled step
+(steps.py) and, on the host, the sum of decode failures at each report and
+those of the evaluation (evaluation/evaluator.py, the same path as
+``mlimages evaluate``).
 
 SIGTERM or SIGINT stops the run at the first step boundary that every
 process reaches after the signal (preemption.py): that step is saved with
@@ -28,6 +33,7 @@ newest checkpoint that restores (store.py moves damaged ones aside).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -57,6 +63,13 @@ from mlimages_jax.train.state import create_model
 from mlimages_jax.train.state import create_train_state
 
 Records = list[tuple[int, dict[str, jax.Array]]]
+
+# Steps dispatched to the devices and not yet done: before step N is queued
+# the host waits for step N - 2's metrics. One step runs while the next is
+# queued, so the devices never idle on the host (benchmarks/
+# train_step_bench.py), and a signal's save waits for 2 steps, not for the
+# up to `log_every_steps` an unbounded host queues on a slow or busy device.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -134,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   probes = probes_lib.Probes(config, model)
   state = distributed.replicate(state)
   log.mark(start_step)
+  profile = run_log.Profile(workdir, config, start_step, is_chief)
   stopped = None
   try:
     with preemption.watch(start_step) as watcher:
@@ -141,12 +155,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         _evaluate(evaluator, state, log, 0)
         probes.run(state, log, 0)
       state, stopped = _train(config, state, p_train_step, train_iter,
-                              checkpointer, evaluator, probes, log, metadata,
-                              start_step, total_steps, watcher)
+                              checkpointer, evaluator, probes, log, profile,
+                              metadata, start_step, total_steps, watcher)
       if stopped is None and total_steps > start_step:
         _evaluate(evaluator, state, log, total_steps)
         probes.run(state, log, total_steps)
   finally:
+    profile.stop()
     checkpointer.wait_until_finished()
     checkpointer.close()
     log.flush()
@@ -159,7 +174,8 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
            p_train_step: Callable, train_iter: pipeline.InputIterator,
            checkpointer: store.TrainCheckpointer, evaluator: Evaluator,
            probes: probes_lib.Probes, log: run_log.RunLog,
-           metadata: dict[str, Any], start_step: int, total_steps: int,
+           profile: run_log.Profile, metadata: dict[str, Any],
+           start_step: int, total_steps: int,
            watcher: preemption.Watcher) -> tuple[TrainState, int | None]:
   """Steps `start_step + 1 .. total_steps`; returns the replicated state and
   the step where a signal stopped the run (None if none did).
@@ -174,6 +190,7 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
   last_checkpoint = start_step or None
   history: Records = []  # Steps not yet reported.
   pending: Records = []  # A finished interval, reported after the next step.
+  in_flight: collections.deque = collections.deque()  # Queued steps' metrics.
   to_save, stop = None, False
   for step in range(start_step + 1, total_steps + 1):
     if schedule.image_size_at(config, step) != image_size:
@@ -185,8 +202,19 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       batches = pipeline.prefetch_to_device(train_iter,
                                             config.prefetch_to_device)
       logging.info("step %d: training images now %d px.", step, image_size)
-    state, step_metrics = p_train_step(state, next(batches))
+    with log.waiting("input"):
+      batch = next(batches)
+    if len(in_flight) == MAX_STEPS_IN_FLIGHT:
+      with log.waiting("device"):
+        jax.block_until_ready(in_flight.popleft())
+    profile.start_at(step)
+    state, step_metrics = p_train_step(state, batch)
+    in_flight.append(step_metrics)
     history.append((step, step_metrics))
+    if profile.ends_at(step):
+      with log.waiting("device"):  # The trace holds the step's device work.
+        jax.block_until_ready(step_metrics)
+      profile.stop()
     if pending:
       _report(pending, batches, log, last_checkpoint)
       pending = []
@@ -238,8 +266,9 @@ def _save(checkpointer: store.TrainCheckpointer, item: tuple) -> None:
 def _report(records: Records, batches: pipeline.DevicePrefetchIterator,
             log: run_log.RunLog, last_checkpoint: int | None) -> None:
   """Fetches `records` (waiting for their last step), stops on a NaN, logs."""
-  host = list(zip([s for s, _ in records],
-                  distributed.unreplicate([m for _, m in records])))
+  with log.waiting("device"):
+    host = list(zip([s for s, _ in records],
+                    distributed.unreplicate([m for _, m in records])))
   steps.check_finite(host, last_checkpoint)
   # Every process reaches this point at the same step: a host collective.
   failures = distributed.sum_over_processes(batches.decode_failures)
