@@ -171,7 +171,8 @@ def test_checkpoints_record_the_datasets_label_closure(traced_run):
   [position] = traced_run[0].glob("**/8/**/process_0-of-1.bin")
   position = json.loads(position.read_bytes())
   assert position["file_format"] == "array_record"
-  assert (position["epoch"], position["position"]) == (4, 0)  # 8 x 16 of 32.
+  # 8 steps of 16 over 32 examples: the 4th epoch (index 3) read to its end.
+  assert (position["epoch"], position["position"]) == (3, 32)
 
 
 
