@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -355,22 +356,28 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
                 (second.batch, second.hbm_bytes), *compiles))
 
 
-def main(argv: Sequence[str]) -> None:
-  """The command: flags in, the report printed (see the module docstring)."""
+def main(argv: Sequence[str]) -> int:
+  """The command: flags in, the report printed (see the module docstring);
+  a bad topology, a missing dataset or no batch that fits: one line, 1."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from mlimages_jax.inputs import pipeline
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   values = flags.FLAGS
   config, num_classes = values.config, values.num_classes
-  if not num_classes:
-    from mlimages_jax.inputs import pipeline
-    num_classes = pipeline.dataset_info(
-        config.dataset, config.data_dir or None,
-        label_mode=config.label_mode).num_classes
-  print(compile_for_topology(config, values.topology, num_classes,
-                             values.per_chip_batch,
-                             values.num_slices).format())
+  try:
+    if not num_classes:
+      num_classes = pipeline.dataset_info(
+          config.dataset, config.data_dir or None,
+          label_mode=config.label_mode).num_classes
+    report = compile_for_topology(config, values.topology, num_classes,
+                                  values.per_chip_batch, values.num_slices)
+  except (ValueError, pipeline.DatasetNotBuiltError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(report.format())
+  return 0
 
 
 def _define_flags() -> None:
