@@ -82,7 +82,7 @@ class LoadedModel:
     # local devices, as in a data-parallel training step.
     self._variables = flax.jax_utils.replicate(
         jax.tree.map(np.asarray, dict(variables)))
-    self._forward = _pmapped_forward(self.model)
+    self._forward = pmapped_forward(self.model)
 
   @classmethod
   def load(cls, checkpoint: str | os.PathLike[str]) -> LoadedModel:
@@ -142,11 +142,16 @@ class LoadedModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _pmapped_forward(model: resnet.ResNet) -> Callable:
+def pmapped_forward(model: resnet.ResNet,
+                    devices: tuple[jax.Device, ...] | None = None
+                    ) -> Callable:
   """One compiled forward pass per network: a training run that evaluates
-  every N steps builds a `LoadedModel` each time and compiles only once."""
+  every N steps builds a `LoadedModel` each time and compiles only once.
+  `devices`: the local ones by default, another platform's for compiling
+  ahead (train/compile_ahead.py)."""
   return jax.pmap(lambda variables, images: model.apply(
-      variables, preprocessing.normalize(images), train=False))
+      variables, preprocessing.normalize(images), train=False),
+      devices=devices)
 
 
 def check_variables(model: resnet.ResNet, variables: Mapping[str, Any],

@@ -199,7 +199,7 @@ def pmap_train_step(model: resnet.ResNet, tx: optax.GradientTransformation,
                     learning_rate_fn: optax.Schedule | None = None,
                     devices: Sequence[jax.Device] | None = None) -> Callable:
   """`train_step` under ``pmap`` over `devices` (default: the local ones,
-  another platform's for compiling ahead, tools/compile_ahead.py)."""
+  another platform's for compiling ahead, train/compile_ahead.py)."""
   platform = (devices or jax.local_devices())[0].platform
   return jax.pmap(
       functools.partial(train_step, model=model, tx=tx, config=config,
