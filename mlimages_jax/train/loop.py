@@ -243,10 +243,13 @@ def _train(config: ml_collections.ConfigDict, state: TrainState,
       logging.warning("step %d: stopping (signal); saving its checkpoint.",
                       step)
     if to_save and (stop or is_eval or is_probe):
-      # No next step, or an evaluation first: the save starts now, so it
-      # runs during the evaluation and a failing one cannot cost it.
+      # No next step, or an evaluation first: the save starts now. Before an
+      # evaluation it is also awaited: whatever the evaluation does (fail,
+      # be killed), the step's checkpoint is on disk.
       _save(checkpointer, to_save)
       last_checkpoint, to_save = to_save[0], None
+      if not stop:
+        checkpointer.wait_until_finished()
     if is_eval and step != total_steps:
       _evaluate(evaluator, state, log, step)
     if is_probe and step != total_steps:
