@@ -38,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import pretrain  # noqa: E402
+# The pipeline-shaped batch of the bare-step benchmark (a script beside this).
+from train_step_bench import _random_batch  # noqa: E402
 
 AXIS = "plain_batch"
 
@@ -56,22 +58,6 @@ def _config(args: argparse.Namespace):
   config.dtype = args.dtype
   config.accumulate_steps = args.accumulate_steps
   return config
-
-
-def _batch(config, num_classes: int, devices: int) -> dict[str, np.ndarray]:
-  """Pipeline-shaped data: uint8 pixels, ~1% positive labels, per-image
-  colour parameters (each of the 3 colour orders a third of the images)."""
-  rng = np.random.default_rng(0)
-  shape = (devices, config.batch_size // devices)
-  size = config.image_size
-  colour = np.tile(np.array([[0, 0, 1, 0, 1], [1, 0.05, 1.2, 0.02, 0.9],
-                             [2, -0.05, 0.8, -0.02, 1.1]], np.float32),
-                   (config.batch_size // 3 + 1, 1))[:config.batch_size]
-  return {
-      "image": rng.integers(0, 256, (*shape, size, size, 3), dtype=np.uint8),
-      "labels": (rng.random((*shape, num_classes)) < 0.01).astype(np.float32),
-      "mask": np.ones(shape, np.float32),
-      "colour": colour.reshape(*shape, -1)}
 
 
 class Compiled:
@@ -192,7 +178,7 @@ def main() -> None:
   mesh = jax.sharding.Mesh(np.array(devices), (distributed.AXIS_NAME,))
   sharding = jax.NamedSharding(mesh, jax.P(distributed.AXIS_NAME))
   batch = {k: jax.device_put(v, sharding) for k, v in
-           _batch(config, args.num_classes, len(devices)).items()}
+           _random_batch(config, args.num_classes, len(devices)).items()}
   plain_batch = {k: batch[k] for k in ("image", "labels")}
   print(f"{len(devices)} x {devices[0].device_kind}; ResNet-{args.depth} "
         f"width {args.width} at {args.image_size}px, global batch "
