@@ -122,7 +122,14 @@ def _self_signed_certificate(directory: str) -> tuple[str, str]:
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
-  """Copies bytes until either side closes, then closes both."""
+  """Copies bytes until `source` ends, then shuts both sockets down.
+
+  Shut down, not closed: closing here freed the descriptor while the other
+  direction's TLS write was still under way, and OpenSSL, which keeps the
+  descriptor's number, sent its record into the next connection that got
+  that number (the emulator saw TLS bytes before a request, under load).
+  The caller closes both once both directions have ended.
+  """
   try:
     while data := source.recv(1 << 16):
       sink.sendall(data)
@@ -131,8 +138,7 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
   finally:
     for s in (source, sink):
       with contextlib.suppress(OSError):
-        s.shutdown(socket.SHUT_RDWR)
-      s.close()
+        socket.socket.shutdown(s, socket.SHUT_RDWR)  # Not SSLSocket's.
 
 
 class _EmulatorProxy:
@@ -173,9 +179,13 @@ class _EmulatorProxy:
       method, uri, version = line.split(b" ")
       path = b"/" + uri.split(b"://", 1)[1].split(b"/", 1)[1]
       upstream.sendall(b" ".join((method, path, version)) + b"\r\n" + rest)
-    threading.Thread(target=_pump, args=(upstream, client),
-                     daemon=True).start()
+    reverse = threading.Thread(target=_pump, args=(upstream, client),
+                               daemon=True)
+    reverse.start()
     _pump(client, upstream)
+    reverse.join()
+    client.close()
+    upstream.close()
 
 
 def _free_port() -> int:
