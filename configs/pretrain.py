@@ -16,8 +16,8 @@ including the build)::
 
   python main.py --config=configs/pretrain.py:demo --workdir=/tmp/mlimages_demo
 
-Expected result (measured on 2 Intel Xeon cores, build included: 132-243 s
-wall with the cores shared with other jobs): validation mAP 0.150 at step 0
+Expected result (measured on 2 quiet Intel Xeon cores: 102 s wall, build
+included; 132-243 s with the cores shared with other jobs): validation mAP 0.150 at step 0
 and 0.657 at step 1200 (the eval lines of ``/tmp/mlimages_demo/metrics.jsonl``;
 seeds 1 and 2: 0.698, 0.651; another CPU model gives another trajectory
 within that range: README, "The demo").
