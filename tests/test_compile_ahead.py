@@ -91,7 +91,8 @@ def test_report_prints_xla_estimate_only_where_valid():
   chip = compile_ahead.CHIPS["TPU v5 lite"]
   valid = dataclasses.replace(_program(16, 3 * 2**30), optimal_seconds=0.01)
   report = compile_ahead.Report(
-      topology="v5e:2x2", chips=4, chip=chip, train=valid,
+      topology="v5e:2x2", chips=4, chip=chip, requested_batch=16,
+      train=valid,
       eval=dataclasses.replace(valid, name="eval"), largest_batch=32,
       largest=_program(32, 6 * 2**30),
       compiles=((16, 3 * 2**30), (32, 6 * 2**30), (64, None)))
@@ -102,6 +103,61 @@ def test_report_prints_xla_estimate_only_where_valid():
   assert "XLA's estimate n/a" in text  # `largest`: no valid estimate.
   assert "largest train batch per chip that fits: 32 (compiled 16: 3.00 " \
          "GiB, 32: 6.00 GiB, 64: does not fit)" in text
+  refused = dataclasses.replace(report, requested_batch=64, train=None)
+  assert ("train step, 64 images per chip: does not fit (XLA refused it"
+          in refused.format())
+
+
+def _compiler(memory, capacity: int):
+  """A `compile_at` over a memory model, refusing what is far too big, and
+  the batches it was asked for."""
+  asked = []
+
+  def compile_at(batch):
+    asked.append(batch)
+    if memory(batch) > 2 * capacity:
+      raise compile_ahead.DoesNotFitError(str(batch))
+    return _program(batch, memory(batch))
+  return compile_at, asked
+
+
+def test_search_starts_from_the_batch_and_its_half_when_it_fits():
+  compile_at, asked = _compiler(lambda b: 1000 + 100 * b, 100_000)
+  requested, fitting, compiles = compile_ahead.starting_points(
+      compile_at, 100_000, 64)
+  assert asked == [64, 32] and requested.batch == 64
+  assert [p.batch for p in fitting] == [64, 32]
+  assert compiles == [(64, 7400), (32, 4200)]
+
+
+@pytest.mark.parametrize("requested_batch", [1536, 768])  # Refused; over.
+def test_search_halves_a_batch_too_big_and_never_tries_above_it(
+    requested_batch):
+  def memory(b):  # Faster than linear: the line through 192 and 384
+    return 1000 + 100 * b + b * b // 10  # predicts 800, above 768.
+  capacity = 120_000  # 700 per chip fits, 768 does not.
+  compile_at, _ = _compiler(memory, capacity)
+  requested, fitting, start = compile_ahead.starting_points(
+      compile_at, capacity, requested_batch)
+  assert requested is None or requested.hbm_bytes > capacity
+  assert [p.batch for p in fitting] == [384, 192]
+  too_big = min((b, m) for b, m in start if m is None or m > capacity)
+  assert too_big == (768, memory(768))
+  largest, searched = compile_ahead.largest_batch(compile_at, capacity,
+                                                  fitting, too_big=too_big)
+  assert 680 <= largest.batch < 768 and memory(largest.batch) <= capacity
+  assert all(b < 768 for b, _ in searched)  # Never at or above it again.
+
+
+def test_search_when_only_one_image_per_chip_fits():
+  compile_at, _ = _compiler(lambda b: 900 * b, 1000)
+  requested, fitting, start = compile_ahead.starting_points(
+      compile_at, 1000, 8)
+  assert [p.batch for p in fitting] == [1] and requested is None
+  assert compile_ahead.largest_batch(compile_at, 1000, fitting)[0].batch == 1
+  with pytest.raises(compile_ahead.DoesNotFitError, match="not even one"):
+    compile_ahead.starting_points(*_compiler(lambda b: 1500 * b, 1000)[:1],
+                                  1000, 8)
 
 
 @needs_libtpu

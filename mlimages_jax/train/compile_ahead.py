@@ -13,8 +13,10 @@ analysis: arguments, outputs, temporaries) against the chip's capacity, the
 largest per-chip batch that fits, FLOPs and HBM bytes per image (XLA's cost
 analysis) and a roofline bound on images/s per chip. Compiling the full
 ResNet-101 step takes minutes on 2 cores, so the batch search compiles as
-little as it can: two batches for a linear memory model, one compile of its
-prediction to check it (stepping down if it does not fit).
+little as it can: two batches for a linear memory model (the config's batch
+per chip and half of it; halving first while the config's does not fit),
+one compile of its prediction to check it (stepping down if it does not
+fit, never up to a batch known not to fit).
 
 XLA's own time estimate (``optimal_seconds``) is printed only when it is
 positive. libtpu's cost analysis gives a plausible time for small programs
@@ -114,7 +116,8 @@ class Report:
   topology: str
   chips: int
   chip: Chip
-  train: Program
+  requested_batch: int  # Per chip: the config's, or --per_chip_batch.
+  train: Program | None  # At `requested_batch`; None where XLA refused it.
   eval: Program
   largest_batch: int  # Per chip, train step.
   largest: Program  # The train step compiled at `largest_batch`.
@@ -126,12 +129,18 @@ class Report:
     lines = [f"{self.topology}: {self.chips} x {c.name} chips, per chip "
              f"{c.hbm_bytes / GiB:.0f} GiB HBM, {c.peak_flops / 1e12:.0f} "
              f"TFLOP/s bf16, {c.hbm_bandwidth / 1e9:.0f} GB/s"]
+    if self.train is None:
+      lines.append(f"train step, {self.requested_batch} images per chip: "
+                   "does not fit (XLA refused it: out of HBM)")
     for p in (self.train, self.eval, self.largest):
+      if p is None:
+        continue
+      fits = "" if p.hbm_bytes <= c.hbm_bytes else ": does not fit"
       estimate = ("n/a (XLA gives no valid estimate)"
                   if p.optimal_seconds is None else
                   f"{p.batch / p.optimal_seconds:,.0f} img/s")
       lines += [
-          f"{p.name} step, {p.batch} images per chip:",
+          f"{p.name} step, {p.batch} images per chip{fits}:",
           f"  HBM {p.hbm_bytes / GiB:.2f} of {c.hbm_bytes / GiB:.0f} GiB "
           f"(arguments {p.argument_bytes / GiB:.2f}, outputs "
           f"{p.output_bytes / GiB:.2f} of which donated "
@@ -270,9 +279,50 @@ class StepCompiler:
                     "eval", batch)
 
 
+def _compile_or_none(compile_at: Callable[[int], Program], batch: int
+                     ) -> Program | None:
+  """`compile_at(batch)`, or None where XLA refused (out of HBM)."""
+  try:
+    return compile_at(batch)
+  except DoesNotFitError:
+    return None
+
+
+def starting_points(compile_at: Callable[[int], Program], capacity: int,
+                    batch: int
+                    ) -> tuple[Program | None, list[Program],
+                               list[tuple[int, int | None]]]:
+  """The programs the batch search starts from: `batch` and half of it
+  (double when it is 1) where `batch` fits; where it does not (the recipe's
+  512 per chip on a 16 GiB chip), halving until two batches fit, so the
+  config's own batch never stops the search.
+
+  Returns the program at `batch` (None where XLA refused it), the fitting
+  ones and every compile made ((batch, HBM or None where refused)).
+  """
+  requested = _compile_or_none(compile_at, batch)
+  compiles = [(batch, requested and requested.hbm_bytes)]
+  fitting = []
+  if requested is not None and requested.hbm_bytes <= capacity:
+    fitting.append(requested)
+  b = batch
+  while len(fitting) < 2:
+    b = b // 2 if b > 1 else 2
+    if any(tried == b for tried, _ in compiles):
+      break  # 1 fits, 2 does not.
+    program = _compile_or_none(compile_at, b)
+    compiles.append((b, program and program.hbm_bytes))
+    if program is not None and program.hbm_bytes <= capacity:
+      fitting.append(program)
+    elif b == 1:
+      raise DoesNotFitError(f"not even one image per chip fits in "
+                            f"{capacity / GiB:.0f} GiB")
+  return requested, fitting, compiles
+
+
 def largest_batch(compile_at: Callable[[int], Program], capacity: int,
                   fitting: Sequence[Program], multiple: int = 8,
-                  tries: int = 3
+                  tries: int = 3, too_big: tuple[int, int | None] | None = None
                   ) -> tuple[Program, list[tuple[int, int | None]]]:
   """The largest batch whose program fits `capacity`, from few compiles.
 
@@ -280,17 +330,19 @@ def largest_batch(compile_at: Callable[[int], Program], capacity: int,
   largest fitting programs predicts the largest batch (rounded down to a
   `multiple`), one compile checks it. Once a batch is known not to fit, the
   next try lies between it and the largest that fits: on the line through
-  both where XLA gave its memory, halfway where it refused to compile.
+  both where XLA gave its memory, halfway where it refused to compile
+  (`too_big`: such a batch known beforehand). With one fitting program
+  (only 1 image per chip fits) that one is the answer.
   Returns the largest fitting program and the compiles made here
   ((batch, HBM or None where XLA refused)).
   """
   fitting = sorted((p for p in fitting if p.hbm_bytes <= capacity),
                    key=lambda p: p.batch)
-  if len(fitting) < 2:
-    raise DoesNotFitError("the two starting batches must fit")
+  if not fitting:
+    raise DoesNotFitError("no starting batch fits")
   compiles: list[tuple[int, int | None]] = []
-  over: tuple[int, int | None] | None = None  # Smallest batch too big.
-  for _ in range(tries):
+  over = too_big  # Smallest batch known not to fit.
+  for _ in range(tries if len(fitting) > 1 else 0):
     a, b = fitting[-2:]
     if over is not None and over[1] is None:
       batch = (b.batch + over[0]) // 2
@@ -333,27 +385,26 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   """Compiles the config's train and evaluation steps for `topology`.
 
   `per_chip_batch` defaults to the config's global batch over the chips;
-  the memory model compiles the train step at it and at half of it (double
-  when it is 1). The evaluation step is compiled at the config's
-  evaluation batch over the chips.
+  the memory model starts from it (`starting_points`). The evaluation step
+  is compiled at the config's evaluation batch over the chips.
   """
   devices = topology_devices(topology, num_slices)
   chip = chip_of(devices)
   n = len(devices)
   compiler = StepCompiler(config, num_classes, devices)
   batch = per_chip_batch or max(config.batch_size // n, 1)
-  other = batch // 2 if batch > 1 else 2
-  train = compiler.train(batch)
-  second = compiler.train(other)
-  largest, compiles = largest_batch(compiler.train, chip.hbm_bytes,
-                                    (second, train))
+  train, fitting, start = starting_points(compiler.train, chip.hbm_bytes,
+                                          batch)
+  too_big = [(b, m) for b, m in start if m is None or m > chip.hbm_bytes]
+  largest, compiles = largest_batch(
+      compiler.train, chip.hbm_bytes, fitting,
+      too_big=min(too_big) if too_big else None)
   return Report(
       topology=topology if num_slices == 1 else f"{topology} x{num_slices}",
-      chips=n, chip=chip, train=train,
+      chips=n, chip=chip, requested_batch=batch, train=train,
       eval=compiler.eval(max(config.eval_batch_size // n, 1)),
       largest_batch=largest.batch, largest=largest,
-      compiles=((train.batch, train.hbm_bytes),
-                (second.batch, second.hbm_bytes), *compiles))
+      compiles=(*start, *compiles))
 
 
 def main(argv: Sequence[str]) -> int:
