@@ -16,6 +16,7 @@ import fewshot_helpers
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import config as config_lib
 from mlimages_jax.train import config_validation
+from mlimages_jax.train import schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import finetune_imagenet  # noqa: E402
@@ -60,8 +61,10 @@ def test_accumulation_and_positivity_groups_must_divide_the_batch():
   config_validation.validate_config(config)
 
 
-@pytest.mark.parametrize("recipe", [pretrain, finetune_imagenet])
-@pytest.mark.parametrize("variant", [None, "demo", "smoke"])
+@pytest.mark.parametrize("recipe,variant", [
+    (pretrain, None), *((pretrain, v) for v in pretrain.VARIANTS),
+    (finetune_imagenet, None), (finetune_imagenet, "demo"),
+    (finetune_imagenet, "smoke")])
 def test_recipes_only_override_the_base(recipe, variant):
   """Every recipe has exactly the base's fields, of the base's types."""
   base = config_lib.base_config().to_dict()
@@ -279,3 +282,28 @@ def test_warmup_in_epochs_needs_the_epoch_size():
   config.schedule.train_examples = 160  # 10 steps of 16, within 1st decay.
   config.schedule.decay_boundaries = (20,)
   config_validation.validate_config(config)
+
+
+def test_large_batch_variant_keeps_the_recipes_epochs_at_its_own_rates():
+  full, large = pretrain.get_config(), pretrain.get_config("large_batch")
+  config_validation.validate_config(large)
+
+  def images(steps: int, config) -> int:
+    return steps * config.batch_size
+
+  # The same 60 epochs, warm-up and decays, in images.
+  assert (images(schedule.num_train_steps(large), large)
+          == images(schedule.num_train_steps(full), full))
+  assert (images(schedule.warmup_steps(large), large)
+          == images(schedule.warmup_steps(full), full))
+  assert ([images(b, large) for b in large.schedule.decay_boundaries]
+          == [images(b, full) for b in full.schedule.decay_boundaries])
+  # Its rates are the ones it says (no linear scaling), AdamW's, with the
+  # class positivity counted per 16 examples.
+  assert schedule.schedule_scale(large) == 1
+  rate = schedule.create_learning_rate_fn(large)
+  assert float(rate(0)) == pytest.approx(0.001)
+  assert float(rate(4_401)) == pytest.approx(0.008)
+  assert float(rate(13_751)) == pytest.approx(0.0008)
+  assert large.optimizer.name == "adamw"
+  assert large.loss.positivity_batch_size == 16
