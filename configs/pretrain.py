@@ -32,7 +32,7 @@ README, "Large batches", for what is and is not known about it)::
 
 Expected result: not measured on ML-Images (no pod here). On the synthetic
 demo task the same choices at 16x the demo's batch gave validation mAP
-0.58 vs the demo's 0.67 at equal epochs.
+0.59 vs the demo's 0.67 (means of 3 seeds) at equal epochs.
 
 Smoke (a few steps of a tiny model, used by the tests)::
 
@@ -136,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # its batch (README, "Large batches"; benchmarks/large_batch_bench.py):
     # class positivity must be counted per group of the original's
     # per-device batch (SGD with linear scaling: mAP 0.21 over the whole
-    # batch, 0.53 in groups of 16), and AdamW held the most (0.58 vs 0.67 at
+    # batch, 0.53 in groups of 16), and AdamW held the most (0.59 vs 0.67 at
     # the small batch) of SGD, LARS, LAMB and AdamW at equal epochs. Its
     # rates are given at this batch (reference = batch: no linear scaling,
     # which suits SGD, not Adam); the warm-up is the recipe's (x1.297 eight
