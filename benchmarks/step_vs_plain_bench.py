@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import pretrain  # noqa: E402
 # The pipeline-shaped batch of the bare-step benchmark (a script beside this).
-from train_step_bench import _random_batch  # noqa: E402
+from train_step_bench import _random_batch, add_network_flags  # noqa: E402
 
 AXIS = "plain_batch"
 
@@ -156,13 +156,7 @@ def plain(config, num_classes: int, batch) -> Compiled:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--depth", type=int, default=26)
-  parser.add_argument("--width", type=float, default=0.25)
-  parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=16,
-                      help="global batch over all local devices")
-  parser.add_argument("--dtype", default="float32",
-                      choices=("float32", "bfloat16"))
+  add_network_flags(parser, batch=16)
   parser.add_argument("--num_classes", type=int, default=45)
   parser.add_argument("--accumulate_steps", type=int, default=1,
                       help="ours only: micro-batches per step")

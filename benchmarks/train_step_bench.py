@@ -311,15 +311,21 @@ def measure_loop(config, workdir: pathlib.Path, clock: DeviceClock) -> Phase:
   return Phase((last - first) * config.batch_size, start, end)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_network_flags(parser: argparse.ArgumentParser, batch: int) -> None:
+  """The network and batch flags the train-step benchmarks share (the
+  demo's network by default)."""
   parser.add_argument("--depth", type=int, default=26)
   parser.add_argument("--width", type=float, default=0.25)
   parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=64,
-                      help="global batch (all local devices)")
+  parser.add_argument("--batch", type=int, default=batch,
+                      help="global batch over all local devices")
   parser.add_argument("--dtype", default="float32",
                       choices=("float32", "bfloat16"))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_network_flags(parser, batch=64)
   parser.add_argument("--num_classes", type=int, default=0,
                       help="head size of a bare-step-only run (--loop_steps=0; "
                       "11166 = ML-Images); with the loop, the dataset's")
