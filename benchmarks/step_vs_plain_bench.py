@@ -37,25 +37,17 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import pretrain  # noqa: E402
-# The pipeline-shaped batch of the bare-step benchmark (a script beside this).
-from train_step_bench import _random_batch, add_network_flags  # noqa: E402
+# The bare-step benchmark's network, config and pipeline-shaped batch (a
+# script beside this).
+from train_step_bench import (  # noqa: E402
+    _random_batch, add_network_flags, network_config)
 
 AXIS = "plain_batch"
 
 
 def _config(args: argparse.Namespace):
   """The demo's shapes with the recipe's loss and colour distortion."""
-  config = pretrain.get_config("demo")
-  recipe = pretrain.get_config()
-  config.loss = recipe.loss
-  config.preprocess = recipe.preprocess
-  config.model.depth = args.depth
-  config.model.width_multiplier = args.width
-  config.image_size = args.image_size
-  config.batch_size = args.batch
-  config.schedule.reference_batch_size = args.batch
-  config.dtype = args.dtype
+  config = network_config(args)
   config.accumulate_steps = args.accumulate_steps
   return config
 

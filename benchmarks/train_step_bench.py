@@ -210,8 +210,9 @@ def _peak_flops(device, override: float) -> float | None:
   return None
 
 
-def _config(args: argparse.Namespace):
-  """The demo's data; the recipe's loss and augmentation."""
+def network_config(args: argparse.Namespace):
+  """The demo's data with the recipe's loss and augmentation, at the
+  network and batch of `add_network_flags`."""
   recipe = pretrain.get_config()
   config = pretrain.get_config("demo")
   config.loss = recipe.loss
@@ -222,6 +223,12 @@ def _config(args: argparse.Namespace):
   config.batch_size = args.batch
   config.schedule.reference_batch_size = args.batch
   config.dtype = args.dtype
+  return config
+
+
+def _config(args: argparse.Namespace):
+  """`network_config` run as a training loop of `--loop_steps`."""
+  config = network_config(args)
   config.num_train_steps = max(args.loop_steps, 1)
   config.log_every_steps = args.log_every
   config.checkpoint_every_steps = args.checkpoint_every
