@@ -76,7 +76,8 @@ def main(argv: list[str]) -> int:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_validation.ConfigError, store.CheckpointError,
           pipeline.DatasetNotBuiltError, evaluator.EvaluationError,
-          fileio.OutputPathError, FloatingPointError) as e:
+          fileio.OutputPathError, fileio.FolderInUseError,
+          FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -40,6 +40,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -234,6 +235,46 @@ def writable_directory(path: PathLike, what: str) -> epath.Path:
               f"cannot be written ({e.strerror or e})")
     raise OutputPathError(f"{what} {path} {reason}") from None
   return path
+
+
+class FolderInUseError(OSError):
+  """Another live process holds the folder (`exclusive_use`)."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_use(folder: PathLike, what: str) -> Iterator[None]:
+  """Holds an exclusive lock on ``<folder>/.lock`` for the block, so that a
+  second job writing into the same folder (another terminal, a notebook's
+  forgotten background run) stops at once, naming the holder, instead of
+  interleaving its checkpoints and logs with this one's. The kernel drops
+  the lock when the holder dies, even by SIGKILL: nothing stale to clean.
+  Object stores have no locks: there the block runs unguarded.
+  """
+  if is_remote(folder):
+    yield
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+
+  path = os.path.join(folder, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+      raise FolderInUseError(
+          f"{what} {folder} is in use by another run"
+          f"{f' ({holder})' if holder else ''}: wait for it to end or stop "
+          "it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n"
+              .encode(), 0)
+    yield
+  finally:
+    os.close(fd)
 
 
 def append_text(path: PathLike, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import pathlib
+import socket
 import stat
 import subprocess
 import sys
@@ -238,3 +239,28 @@ def test_disjoint_paths_and_in_place_rewrites_pass(tmp_path):
   with pytest.raises(fileio.OverlapError, match="contains the input"):
     fileio.check_disjoint({"INPUT": tmp_path / "list.txt"},
                           {"OUTPUT": tmp_path}, in_place=True)
+
+
+def test_exclusive_use_names_the_holder_and_ends_with_it(tmp_path):
+  """A live holder (another process) refuses a second user, by pid and host;
+  once it is killed, even by SIGKILL, the folder is free: nothing stale."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time\nfrom mlimages_jax import fileio\n"
+       "with fileio.exclusive_use(sys.argv[1], 'workdir'):\n"
+       "  print('held', flush=True)\n  time.sleep(600)\n", str(tmp_path)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(fileio.FolderInUseError,
+                       match=rf"^--out {tmp_path} is in use by another run "
+                             rf"\(process {holder.pid} on {socket.gethostname()}"
+                             r"\): wait for it to end or stop it first$"):
+      with fileio.exclusive_use(tmp_path, "--out"):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with fileio.exclusive_use(tmp_path, "--out"):
+    assert (tmp_path / fileio.LOCK_FILE).read_text() == (
+        f"process {os.getpid()} on {socket.gethostname()}\n")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fewshot_helpers
+import loop_helpers
 from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.evaluation import evaluator as evaluation
@@ -34,16 +34,6 @@ def shapes_dir(tmp_path_factory) -> str:
   """synth_shapes: single-label `label`, splits train and test (no
   validation), like most public classification datasets."""
   return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
-
-
-def _shapes_config(data_dir: str):
-  """The smoke recipe pointed at synth_shapes the way the errors say."""
-  config = pretrain.get_config("smoke")
-  config.dataset, config.data_dir = "synth_shapes", data_dir
-  config.build_dataset_if_missing = False
-  config.label_mode, config.loss.name = "single", "softmax"
-  config.eval_split = "test"
-  return config
 
 
 def _fail(what: str):
@@ -215,7 +205,7 @@ def test_missing_eval_split_fails_before_building_anything(shapes_dir,
                       _fail("built the train step"))
   monkeypatch.setattr(loop, "create_train_state",
                       _fail("built the train state"))
-  config = _shapes_config(shapes_dir)
+  config = loop_helpers.shapes_config(shapes_dir)
   config.eval_split = "validation"
   with pytest.raises(config_validation.ConfigError,
                      match=r"config\.eval_split 'validation': synth_shapes/"
@@ -225,41 +215,18 @@ def test_missing_eval_split_fails_before_building_anything(shapes_dir,
   assert not (tmp_path / "work" / "checkpoints").exists()
 
 
-class _TinyModel(nn.Module):
-  """Stands in for the ResNet where only the loop's order is tested: its
-  state compiles in a moment (the smoke ResNet's init takes ~10 s)."""
-  num_classes: int
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    pooled = nn.BatchNorm(use_running_average=not train)(x.mean((1, 2)))
-    return nn.Dense(self.num_classes)(pooled), pooled
-
-
-def _instant_train_step(*args, **kwargs):
-  """A train step that compiles at once: the state unchanged, finite."""
-  def step(state, batch):
-    zero = jnp.zeros(())
-    return state, {"finite": jnp.ones(()), "loss": zero,
-                   "weight_decay_loss": zero, "total_loss": zero,
-                   "grad_norm": zero, "learning_rate": zero}
-  return jax.pmap(step)
-
-
 def test_failing_evaluation_keeps_the_steps_checkpoint(shapes_dir, tmp_path,
                                                        monkeypatch):
   """Step 1 is a checkpoint and an evaluation step; the evaluation fails.
   The checkpoint was handed to Orbax before the evaluation, and is written
   (the run waits for it) before the error reaches the caller."""
-  monkeypatch.setattr(steps, "pmap_train_step", _instant_train_step)
-  monkeypatch.setattr(loop, "create_model", lambda config, num_classes: _TinyModel(num_classes))
+  loop_helpers.use_instant_steps(monkeypatch)
 
   def failing_evaluation(self, state, image_size, step):
     raise evaluation.EvaluationError(f"evaluation of step {step} failed")
 
   monkeypatch.setattr(train_evaluator.Evaluator, "run", failing_evaluation)
-  config = _shapes_config(shapes_dir)
+  config = loop_helpers.shapes_config(shapes_dir)
   config.num_train_steps = 3
   config.checkpoint_every_steps = config.eval_every_steps = 1
   with pytest.raises(evaluation.EvaluationError,
@@ -282,3 +249,25 @@ def test_workdir_that_cannot_be_a_folder_fails_first(tmp_path, where):
                      match=f"workdir {workdir} {reason}"):
     loop.train_and_evaluate(pretrain.get_config(), workdir)
 
+
+
+def test_a_second_run_into_a_held_workdir_stops_at_once(shapes_dir, tmp_path,
+                                                        monkeypatch):
+  """Two runs into one workdir would interleave checkpoints and rewrite each
+  other's metrics.jsonl (a resumed run truncates it): the second stops
+  before touching anything, naming the run that holds the folder."""
+  monkeypatch.setattr(loop, "create_train_state",
+                      _fail("built the train state"))
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+  with fileio.exclusive_use(workdir, "workdir"):
+    with pytest.raises(fileio.FolderInUseError,
+                       match=rf"workdir {workdir} is in use by another run "
+                             rf"\(process {os.getpid()} on "):
+      loop.train_and_evaluate(loop_helpers.shapes_config(shapes_dir),
+                              workdir)
+  assert (workdir / "metrics.jsonl").read_text() == (
+      '{"step": 4, "loss": 1.0}\n')
+  assert sorted(p.name for p in workdir.iterdir()) == [".lock",
+                                                       "metrics.jsonl"]

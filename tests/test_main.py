@@ -7,6 +7,7 @@ import os
 import pathlib
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import assert_same_checkpoint
+from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
 from mlimages_jax.train import loop
 from mlimages_jax.train import schedule as schedule_lib
@@ -63,14 +65,21 @@ def _lines(workdir: pathlib.Path) -> list[dict]:
      "you mean config.model.depth?)"),
     ("--workdir={tmp_path}/run.txt", "error: workdir {tmp_path}/run.txt is a "
      "file, not a folder"),
+    ("--workdir={tmp_path}/held", "error: workdir {tmp_path}/held is in use by "
+     "another run (process {pid} on {host}): wait for it to end or stop it "
+     "first"),
 ])
 def test_user_errors_are_one_line(tmp_path, env, override, error):
   """A typo in an override (ml_collections raises it while the flags are
-  parsed) and a workdir that is a file: the line, no traceback, exit 1."""
+  parsed), a workdir that is a file and one that another run holds (here
+  this process): the line, no traceback, exit 1."""
   (tmp_path / "run.txt").write_text("")
-  override, error = (text.format(tmp_path=tmp_path)
+  (tmp_path / "held").mkdir()
+  override, error = (text.format(tmp_path=tmp_path, pid=os.getpid(),
+                                 host=socket.gethostname())
                      for text in (override, error))
-  result = _run(_command(tmp_path / "work", tmp_path, override), env)
+  with fileio.exclusive_use(tmp_path / "held", "workdir"):
+    result = _run(_command(tmp_path / "work", tmp_path, override), env)
   assert result.returncode == 1, result.stderr[-3000:]
   assert error in result.stderr.splitlines()
   assert "Traceback" not in result.stderr

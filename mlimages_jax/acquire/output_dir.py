@@ -222,8 +222,8 @@ def list_fingerprint(path: str) -> str:
 
 
 # What a run writes into its folder (the user's other files there are left).
-WRITTEN = ("images", PARTIAL_DIR, ".lock", journal_lib.JOURNAL_NAME, IM_LIST,
-           "failed.tsv", "stats.json", "missing.txt")
+WRITTEN = ("images", PARTIAL_DIR, fileio.LOCK_FILE, journal_lib.JOURNAL_NAME,
+           IM_LIST, "failed.tsv", "stats.json", "missing.txt")
 
 
 @contextlib.contextmanager
@@ -234,37 +234,24 @@ def claim_out_dir(out_dir: str, inputs: Mapping[str, str]
   Refuses a folder where what the run writes would be, hold or sit inside
   one of `inputs` (``fileio.OverlapError``: e.g. the URL list saved as
   ``<out>/im_list.txt``). Creates ``images/`` and an empty ``.partial/``
-  (clear error if the folder is not writable), and holds an exclusive lock
-  on ``<out>/.lock`` so that a second run into the same folder stops at once
-  instead of racing this one. The kernel drops the lock when the process
-  dies, even by SIGKILL.
+  (clear error if the folder is not writable), and holds the folder
+  (`fileio.exclusive_use`): a second run into it stops at once instead of
+  racing this one.
   """
-  import fcntl  # pylint: disable=g-import-not-at-top
-
   fileio.check_disjoint(inputs, {f"--out {name}": os.path.join(out_dir, name)
                                  for name in WRITTEN})
   images = os.path.join(out_dir, "images")
   partial = os.path.join(out_dir, PARTIAL_DIR)
-  try:
-    os.makedirs(images, exist_ok=True)
-    os.makedirs(partial, exist_ok=True)
-    lock = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
-  except OSError as e:
-    raise errors.AcquireError(
-        f"{out_dir}: output folder is not writable: {e}") from e
-  try:
+  with contextlib.ExitStack() as held:
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise errors.AcquireError(f"{out_dir}: another run is writing into "
-                                "this folder (wait for it or stop it "
-                                "first)") from None
-    try:
+      os.makedirs(images, exist_ok=True)
+      os.makedirs(partial, exist_ok=True)
+      held.enter_context(fileio.exclusive_use(out_dir, "--out"))
       for entry in os.scandir(partial):  # Leftovers of a killed run.
         os.unlink(entry.path)
+    except fileio.FolderInUseError as e:
+      raise errors.AcquireError(str(e)) from None
     except OSError as e:
-      raise errors.AcquireError(f"{out_dir}: output folder is not "
-                                f"writable: {e}") from e
+      raise errors.AcquireError(
+          f"{out_dir}: output folder is not writable: {e}") from e
     yield images, partial
-  finally:
-    os.close(lock)

@@ -36,12 +36,14 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
@@ -73,16 +75,29 @@ MAX_STEPS_IN_FLIGHT = 2
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | os.PathLike) -> TrainState:
+                       workdir: str | os.PathLike,
+                       stop: threading.Event | None = None) -> TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
-  Returns the final, unreplicated train state.
+  Returns the final, unreplicated train state. The run holds its workdir
+  (`fileio.exclusive_use`, process 0): a second run into it fails at once.
+  Setting `stop` from another thread (a notebook training in the background,
+  interrupted) ends a one-process run as a signal does: at the next step,
+  with its checkpoint, raising `preemption.Preempted`.
   """
   validate_config(config)
   workdir = fileio.as_path(workdir)  # Local or remote (gs://...).
   is_chief = jax.process_index() == 0
-  if is_chief:
-    fileio.writable_directory(workdir, "workdir")
+  if not is_chief:
+    return _train_and_evaluate(config, workdir, is_chief, stop)
+  fileio.writable_directory(workdir, "workdir")
+  with fileio.exclusive_use(workdir, "workdir"):
+    return _train_and_evaluate(config, workdir, is_chief, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: epath.Path, is_chief: bool,
+                        stop: threading.Event | None) -> TrainState:
   total_steps = schedule.num_train_steps(config)
 
   # Input first: a missing dataset, split or feature fails here, in seconds.
@@ -150,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   profile = run_log.Profile(workdir, config, start_step, is_chief)
   stopped = None
   try:
-    with preemption.watch(start_step) as watcher:
+    with preemption.watch(start_step, stop) as watcher:
       if config.eval_at_start and start_step == 0:
         _evaluate(evaluator, state, log, 0)
         probes.run(state, log, 0)

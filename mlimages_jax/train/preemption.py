@@ -56,9 +56,10 @@ class Preempted(Exception):
 class Watcher:
   """Answers, at each step boundary, whether the run must stop there."""
 
-  def __init__(self, start_step: int):
+  def __init__(self, start_step: int, stop: threading.Event | None = None):
     self._start_step = start_step
     self._multi_process = jax.process_count() > 1
+    self._stop = stop
     self.signal_time: float | None = None
     self.last_step = start_step  # The last boundary the loop asked about.
 
@@ -76,6 +77,11 @@ class Watcher:
         logging.warning("Preemption notice (SIGTERM on some process): every "
                         "process stops at step %d.", step)
       return stop
+    if self._stop is not None and self._stop.is_set() and (
+        self.signal_time is None):
+      self.signal_time = time.monotonic()
+      logging.warning("Stop requested: stopping at step %d with a "
+                      "checkpoint.", step)
     return self.signal_time is not None
 
   def seconds_since_signal(self) -> float | None:
@@ -99,15 +105,20 @@ class Watcher:
 
 
 @contextlib.contextmanager
-def watch(start_step: int) -> Iterator[Watcher]:
+def watch(start_step: int, stop: threading.Event | None = None
+          ) -> Iterator[Watcher]:
   """Installs the handlers for the duration of a run.
 
   Python delivers signals to the main thread only, so a run started in
   another thread (a notebook training in the background) leaves the signals
-  to the program that owns that thread; the preemption service of a
-  multi-process run still works there.
+  to the program that owns that thread, which stops the run by setting
+  `stop` (one process: several would each stop at another step); the
+  preemption service of a multi-process run still works there.
   """
-  watcher = Watcher(start_step)
+  if stop is not None and jax.process_count() > 1:
+    raise ValueError("a stop event ends a one-process run; with several "
+                     "processes send SIGTERM (the preemption service)")
+  watcher = Watcher(start_step, stop)
   # With several processes the preemption service owns SIGTERM.
   signals = ((signal.SIGINT,) if jax.process_count() > 1 else SIGNALS)
   if threading.current_thread() is not threading.main_thread():
