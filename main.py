@@ -89,4 +89,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  from mlimages_jax import fast_exit
+  app.run(lambda argv: fast_exit.exit_process(main(argv)),
+          flags_parser=_parse_flags)

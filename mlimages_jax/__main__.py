@@ -1,8 +1,6 @@
 """``python -m mlimages_jax <command>``: the same CLI as the ``mlimages`` script."""
 
-import sys
-
-from mlimages_jax.cli import main
+from mlimages_jax.cli import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -154,6 +154,7 @@ def test_recipes_load_without_jax_or_tensorflow():
 # forbidden to all until placed here (test_every_package_has_a_floor).
 MAY_IMPORT = {
     "fileio": (),
+    "fast_exit": (),  # Called by the process entry points only.
     "decoding": (),  # The decode policy for users' images: a bottom floor.
     "data": ("fileio",),
     "acquire": ("data", "decoding", "fileio"),
@@ -168,7 +169,7 @@ MAY_IMPORT = {
     "train": ("checkpoints", "evaluation", "inference", "inputs", "models",
               "datasets", "data", "fileio"),
     "cli": ("acquire", "checkpoints", "data", "evaluation", "export",
-            "inference", "inputs", "fileio"),
+            "inference", "inputs", "fast_exit", "fileio"),
     "__main__": ("cli",),
 }
 

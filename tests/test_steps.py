@@ -151,15 +151,14 @@ def _pmapped_step(config, model, tx, bn_modules, num_devices, **kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loop", [True, False], ids=["loop", "unrolled"])
-def test_accumulated_micro_batches_equal_the_unaccumulated_step(loop):
+def test_accumulated_micro_batches_equal_the_unaccumulated_step(subtests):
   """4 micro-batches of 2 on one device = one step of 2 per device on 4
   devices (per-device BN sees the same 2 images either way), step after
   step from the same state; the adaptive loss's coefficients are those of
   its positivity groups of 4, which span micro-batches, not of each
   micro-batch. (One group, the default, runs the same code: test_losses
-  checks groups against it.) Both forms of accumulation: the loop
-  (accelerators) and unrolled (CPU)."""
+  checks groups against it.) Both forms of accumulation, against the one
+  plain step: the loop (accelerators) and unrolled (CPU)."""
   config = pretrain.get_config("smoke")
   config.schedule.base_lr = 0.005
   config.loss.positivity_batch_size = 4
@@ -172,8 +171,17 @@ def test_accumulated_micro_batches_equal_the_unaccumulated_step(loop):
   plain_step = _pmapped_step(config, model, tx, bn_modules, 4)
   config = config.copy_and_resolve_references()
   config.accumulate_steps = 4
-  accumulated_step = _pmapped_step(config, model, tx, bn_modules, 1,
-                                   loop_micro_batches=loop)
+  for loop in (True, False):
+    with subtests.test(loop_micro_batches=loop):
+      _check_accumulation(
+          state, plain_step,
+          _pmapped_step(config, model, tx, bn_modules, 1,
+                        loop_micro_batches=loop))
+
+
+def _check_accumulation(state, plain_step, accumulated_step) -> None:
+  """3 steps of both from the same states: the same counters, parameters
+  within rounding, the same loss."""
   rng = np.random.default_rng(5)
   for _ in range(3):
     # Class k is positive in example k only: each micro-batch alone would

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from mlimages_jax import __version__
+from mlimages_jax import fast_exit
 
 # Modules that register command groups, in the order --help lists them.
 _COMMAND_MODULES = (
@@ -65,5 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return int(args.func(args) or 0)
 
 
+def run() -> NoReturn:
+  """The ``mlimages`` script: `main`, then a fast exit (fast_exit.py)."""
+  fast_exit.exit_process(main())
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -338,10 +338,12 @@ def _tf_loader(paths: Sequence[str],
     readable = checked
     ds = tf.data.Dataset.from_tensor_slices(
         (np.array(readable, np.int64), [paths[i] for i in readable]))
-    ds = ds.map(lambda i, p: (i, preprocess(tf.io.read_file(p))),
-                num_parallel_calls=max(1, min(
-                    os.cpu_count() or 1, decoding.PIXEL_BUDGET // largest)),
-                deterministic=True)
+    # Plain TF ops: no AutoGraph conversion (seconds at every start).
+    ds = ds.map(tf.autograph.experimental.do_not_convert(
+        lambda i, p: (i, preprocess(tf.io.read_file(p)))),
+        num_parallel_calls=max(1, min(os.cpu_count() or 1,
+                                      decoding.PIXEL_BUDGET // largest)),
+        deterministic=True)
     ds = ds.ignore_errors().batch(batch_size).prefetch(2)
     expected = [*readable, len(paths)]  # Sentinel: everything left is missing.
     pos = 0

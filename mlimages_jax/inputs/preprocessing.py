@@ -357,7 +357,9 @@ def _rotate_and_colour(config: PreprocessConfig, rotate: bool,
   """
   max_angle = math.radians(config.max_rotation_degrees)
 
-  @tf.function(jit_compile=True)
+  # Plain TF ops, Python branches on the config only: no AutoGraph (its
+  # source conversion of the cases cost seconds at every pipeline start).
+  @tf.function(jit_compile=True, autograph=False)
   def augment(image, u, flip):
     if rotate:
       angle = -max_angle + 2 * max_angle * u[2]
