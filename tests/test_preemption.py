@@ -76,3 +76,17 @@ def test_a_run_in_another_thread_leaves_the_signals_alone(caplog):
   thread.join()
   assert result == {"stopped": False, "handler": before}
   assert "SIGTERM/SIGINT are not watched" in caplog.text
+
+
+def test_a_stop_event_stops_at_the_next_boundary_like_a_signal(caplog):
+  """The owner of a background run's thread sets the event: the first
+  boundary after it stops the run; until then none does."""
+  stop = threading.Event()
+  with preemption.watch(start_step=3, stop=stop) as watcher:
+    assert not any(watcher.reached(step) for step in range(4, 9))
+    stop.set()
+    with caplog.at_level("WARNING"):
+      assert watcher.reached(9)
+    assert "Stop requested: stopping at step 9 with a checkpoint" in (
+        caplog.text)
+    assert watcher.seconds_since_signal() >= 0

@@ -86,6 +86,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   with its checkpoint, raising `preemption.Preempted`.
   """
   validate_config(config)
+  if stop is not None and jax.process_count() > 1:
+    # Each process would see the event at another step: SIGTERM instead
+    # (the preemption service agrees on one).
+    raise ValueError("a stop event ends a one-process run; with several "
+                     "processes send SIGTERM")
   workdir = fileio.as_path(workdir)  # Local or remote (gs://...).
   is_chief = jax.process_index() == 0
   if not is_chief:

@@ -112,12 +112,9 @@ def watch(start_step: int, stop: threading.Event | None = None
   Python delivers signals to the main thread only, so a run started in
   another thread (a notebook training in the background) leaves the signals
   to the program that owns that thread, which stops the run by setting
-  `stop` (one process: several would each stop at another step); the
+  `stop` (one process only: `Watcher.reached` consults it there); the
   preemption service of a multi-process run still works there.
   """
-  if stop is not None and jax.process_count() > 1:
-    raise ValueError("a stop event ends a one-process run; with several "
-                     "processes send SIGTERM (the preemption service)")
   watcher = Watcher(start_step, stop)
   # With several processes the preemption service owns SIGTERM.
   signals = ((signal.SIGINT,) if jax.process_count() > 1 else SIGNALS)
