@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 
 import jax
@@ -77,17 +78,26 @@ class _SlowInput:
 
 class _SlowDevice:
   """Wraps `steps.pmap_train_step`: from step `slow_from` on, each step's
-  metrics pass a host callback that sleeps SLOW_SECONDS on device 0, so the
-  metrics the loop waits on are late; records the most steps ever
-  dispatched and not done (metrics not ready) just after a dispatch."""
+  metrics pass a host callback on device 0 that waits until the host has
+  queued the next step (the loop queues step N + 1 before it waits for step
+  N) and then sleeps SLOW_SECONDS, so the metrics the loop waits on are late
+  and, however loaded the machine, step N is still in flight when N + 1 is
+  queued; records the most steps ever dispatched and not done (metrics not
+  ready) just after a dispatch."""
 
-  def __init__(self, slow_from: int):
-    self.slow_from, self.dispatched, self.max_in_flight = slow_from, 0, 0
+  def __init__(self, slow_from: int, last_step: int):
+    self.slow_from, self.last_step = slow_from, last_step
+    self.dispatched, self.max_in_flight = 0, 0
     self.callbacks, self.done = collections.Counter(), 0
+    self.queued = threading.Condition()
     self.gate = jax.pmap(self._gate, axis_name="i")
 
   def _finish(self, step, device):
     if step >= self.slow_from and device == 0:
+      with self.queued:  # A timeout, not a hang, if the loop never queues.
+        self.queued.wait_for(
+            lambda: self.dispatched >= min(step + 1, self.last_step),
+            timeout=120)
       time.sleep(SLOW_SECONDS)
     self.callbacks[int(step)] += 1
     if self.callbacks[int(step)] == jax.local_device_count():
@@ -104,9 +114,11 @@ class _SlowDevice:
       p_step = make_step(*args, **kwargs)
 
       def step(state, batch):
-        self.dispatched += 1
-        self.max_in_flight = max(self.max_in_flight,
-                                 self.dispatched - self.done)
+        with self.queued:
+          self.dispatched += 1
+          self.max_in_flight = max(self.max_in_flight,
+                                   self.dispatched - self.done)
+          self.queued.notify_all()
         state, metrics = p_step(state, batch)
         return state, self.gate(
             metrics, np.full(jax.local_device_count(), self.dispatched))
@@ -140,7 +152,7 @@ def traced_run(tmp_path_factory):
   config.accumulate_steps = 2
   config.loss.positivity_batch_size = 4
   config.profile.after_steps, config.profile.num_steps = 6, 2
-  device = _SlowDevice(slow_from=5)
+  device = _SlowDevice(slow_from=5, last_step=config.num_train_steps)
   with pytest.MonkeyPatch.context() as patch:
     create = inputs.create_train_iterator
     patch.setattr(inputs, "create_train_iterator",
