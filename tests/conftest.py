@@ -75,6 +75,14 @@ def shared_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+  """synth_shapes (fewshot_helpers.py): single-label `label`, splits train
+  and test (no validation), like most public classification datasets."""
+  import fewshot_helpers  # noqa: PLC0415  (TensorFlow: only when used)
+  return fewshot_helpers.build(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
 def real_hierarchy_path(shared_dir: pathlib.Path) -> pathlib.Path:
   return shared_dir / "dictionary_and_semantic_hierarchy.txt"
 

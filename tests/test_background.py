@@ -7,17 +7,11 @@ import threading
 
 import pytest
 
-import fewshot_helpers
 import loop_helpers
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import background
 from mlimages_jax.train import evaluator as train_evaluator
 from mlimages_jax.train import preemption
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> str:
-  return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
 
 
 def _interrupt() -> None:

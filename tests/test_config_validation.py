@@ -12,7 +12,6 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-import fewshot_helpers
 from mlimages_jax.inputs import pipeline
 from mlimages_jax.train import config as config_lib
 from mlimages_jax.train import config_validation
@@ -185,12 +184,6 @@ def test_override_problem_names_the_field_and_a_suggestion():
       "unknown field config.modl (did you mean config.model?)")
   assert config_lib.override_problem("dataset.name") == (
       "unknown field config.dataset.name")
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> str:
-  """synth_shapes: a single `label`, splits train and test."""
-  return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
 
 
 def test_another_dataset_gets_every_fix_in_one_error(shapes_dir):

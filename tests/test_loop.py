@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-import fewshot_helpers
 import loop_helpers
 from mlimages_jax import fileio
 from mlimages_jax.checkpoints import store
@@ -28,13 +27,6 @@ from mlimages_jax.train import steps
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import pretrain  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> str:
-  """synth_shapes: single-label `label`, splits train and test (no
-  validation), like most public classification datasets."""
-  return fewshot_helpers.build(tmp_path_factory.mktemp("tfds"))
 
 
 def _fail(what: str):
